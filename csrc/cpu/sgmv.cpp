@@ -1,0 +1,97 @@
+// CPU implementations of sgmv_shrink, sgmv_expand and sgmv (MOS.md §3).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace mos {
+namespace cpu {
+namespace {
+
+void run_items(const std::vector<Item>& items,
+               void (*fn)(const SgmvArgs&, const Item*, int64_t, int64_t), const SgmvArgs& g) {
+  if (items.empty()) return;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1,
+                   [&](int64_t b, int64_t e) { fn(g, items.data(), b, e); });
+}
+
+// Unchecked halves over prepared items (arguments validated by the caller).
+void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a,
+                 const at::Tensor& idx_a, const SideDims& a, const std::vector<Item>& items) {
+  SgmvArgs g;
+  g.x = x.data_ptr();
+  g.x_stride = x.stride(0);
+  g.act = to_dtype(x.scalar_type());
+  g.v = v.data_ptr();
+  g.v_stride = v.stride(0);
+  g.a = make_side(pool_a, idx_a, a);
+  run_items(items, kernels().shrink, g);
+}
+
+void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
+                 const at::Tensor& idx_b, const at::Tensor& scale, const SideDims& b,
+                 const std::vector<Item>& items) {
+  SgmvArgs g;
+  g.y = y.data_ptr();
+  g.y_stride = y.stride(0);
+  g.act = to_dtype(y.scalar_type());
+  g.v = const_cast<void*>(v.data_ptr());
+  g.v_stride = v.stride(0);
+  g.scale = scale.data_ptr<float>();
+  g.b = make_side(pool_b, idx_b, b);
+  run_items(items, kernels().expand, g);
+}
+
+at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
+                           const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+  const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
+  at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (a.r == 0 || x.size(0) == 0) return v;
+  shrink_into(v, x, pool_a, idx_a, a, build_items(seg_indptr, seg_tenant, x.size(0), a.T));
+  return v;
+}
+
+void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
+                     const at::Tensor& idx_b, const at::Tensor& scale, const at::Tensor& seg_indptr,
+                     const at::Tensor& seg_tenant) {
+  const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
+  if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
+  expand_from(y, v, pool_b, idx_b, scale, b, build_items(seg_indptr, seg_tenant, y.size(0), b.T));
+}
+
+void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a,
+              const at::Tensor& pool_b, const at::Tensor& idx_a, const at::Tensor& idx_b,
+              const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
+  if (dims.first.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
+  const std::vector<Item> items = build_items(seg_indptr, seg_tenant, x.size(0), dims.first.T);
+  if (pool_a.scalar_type() != pool_b.scalar_type()) {
+    // Mixed storage (one pool fp32, the other in the activation dtype): the
+    // fused kernel is instantiated for one pool dtype, so go through v [N, r].
+    at::Tensor v = at::zeros({x.size(0), dims.first.r}, x.options().dtype(acc_dtype(x.scalar_type())));
+    shrink_into(v, x, pool_a, idx_a, dims.first, items);
+    expand_from(y, v, pool_b, idx_b, scale, dims.second, items);
+    return;
+  }
+  SgmvArgs g;
+  g.x = x.data_ptr();
+  g.x_stride = x.stride(0);
+  g.y = y.data_ptr();
+  g.y_stride = y.stride(0);
+  g.act = to_dtype(x.scalar_type());
+  g.scale = scale.data_ptr<float>();
+  g.a = make_side(pool_a, idx_a, dims.first);
+  g.b = make_side(pool_b, idx_b, dims.second);
+  run_items(items, kernels().sgmv, g);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mos, CPU, m) {
+  m.impl("sgmv_shrink", &sgmv_shrink_cpu);
+  m.impl("sgmv_expand", &sgmv_expand_cpu);
+  m.impl("sgmv", &sgmv_cpu);
+}
+
+}  // namespace cpu
+}  // namespace mos

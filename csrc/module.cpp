@@ -1,0 +1,43 @@
+// The Python module mos_ext._C: loading it registers the `mos` ops (schemas in
+// mos_ops.cpp, kernels in cpu/ and cuda/). It also exposes a few runtime
+// switches; mos_ext/__init__.py wraps them.
+#include <torch/extension.h>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace {
+
+std::vector<std::string> available_cpu_isas() {
+  int n = 0;
+  const char* const* names = mos::cpu::available_isas(&n);
+  return std::vector<std::string>(names, names + n);
+}
+
+bool set_cpu_isa(const std::string& name) {
+  if (!mos::cpu::set_isa(name.c_str())) {
+    std::string avail;
+    for (const auto& s : available_cpu_isas()) avail += (avail.empty() ? "" : ", ") + s;
+    throw std::invalid_argument("cpu isa '" + name + "' is not available here; available: " + avail);
+  }
+  return true;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mos_ext native library: the torch.ops.mos operators";
+  m.def("set_index_checks", &mos::set_index_checks, py::arg("enabled"),
+        "Turn value checks of index tables and segments on/off; returns the previous setting.");
+  m.def("index_checks_enabled", &mos::index_checks_enabled);
+  m.def("cpu_isa", [] { return std::string(mos::cpu::kernels().isa); });
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
+  m.def("available_cpu_isas", &available_cpu_isas);
+  m.def("cuda_built", [] {
+#ifdef MOS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,82 @@
+"""mos_ext: Mixture-of-Shards (MoS) and shard-sharing LoRA adapters as torch ops.
+
+Importing the package loads the native library, which registers the
+``torch.ops.mos`` operators (see :mod:`mos_ext.ops` for their semantics and
+:mod:`mos_ext.reference` for the plain-PyTorch oracle).
+"""
+import contextlib
+
+import torch  # noqa: F401  (the native library links against torch's libs)
+
+from . import _C
+from . import ops
+from .ops import gather_shards, sgmv, sgmv_expand, sgmv_shrink, shard_grad, sharded_lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "gather_shards",
+    "sgmv",
+    "sgmv_expand",
+    "sgmv_shrink",
+    "shard_grad",
+    "sharded_lora",
+    "set_index_checks",
+    "index_checks_enabled",
+    "index_checks",
+    "cpu_isa",
+    "set_cpu_isa",
+    "available_cpu_isas",
+    "cuda_built",
+]
+
+
+def set_index_checks(enabled: bool) -> bool:
+    """Turn the value checks of index tables and segment metadata on or off.
+
+    On by default (or as ``MOS_EXT_CHECK_INDICES=0`` says at import). The checks
+    read ``idx_*``, ``seg_indptr`` and ``seg_tenant``; for CUDA tensors that is a
+    device-to-host copy, so turn them off for CUDA-graph capture of a serving
+    step. With checks off, out-of-range indices or tenants are skipped like
+    ``-1`` and segment bounds are clamped (never an out-of-bounds access), but
+    the output is then not what was meant. Returns the previous setting.
+    """
+    return _C.set_index_checks(bool(enabled))
+
+
+def index_checks_enabled() -> bool:
+    """Whether the value checks of indices and segments are on."""
+    return _C.index_checks_enabled()
+
+
+@contextlib.contextmanager
+def index_checks(enabled: bool):
+    """Context manager form of :func:`set_index_checks`; restores the old setting."""
+    previous = set_index_checks(enabled)
+    try:
+        yield
+    finally:
+        set_index_checks(previous)
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use ("base", "avx2" or "avx512")."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Select the CPU kernels' instruction set (for tests and benchmarks);
+    ``MOS_EXT_CPU_ISA`` does the same at import. Raises ValueError when this
+    CPU or build cannot run it."""
+    _C.set_cpu_isa(name)
+
+
+def available_cpu_isas() -> list:
+    """Instruction sets this CPU and build can run, best last."""
+    return list(_C.available_cpu_isas())
+
+
+def cuda_built() -> bool:
+    """Whether the CUDA kernels were compiled into this build."""
+    return _C.cuda_built()

@@ -1,0 +1,260 @@
+"""The Python face of the ``torch.ops.mos`` operators.
+
+Notation (``shared/design/MOS.md`` §3): a batch of ``N`` tokens is cut into
+segments; segment ``g`` covers tokens ``[seg_indptr[g], seg_indptr[g+1])`` and
+uses tenant ``t = seg_tenant[g]`` (``-1``: no adapter, tokens untouched). Tenant
+``t`` has index tables ``idx_a[t] [r, l_a]`` and ``idx_b[t] [r, l_b]`` into
+stacked pools ``pool_a [P_a, s_a]``, ``pool_b [P_b, s_b]``; its matrices are
+``A_t = pool_a[idx_a[t]].reshape(r, h)`` and ``B_t = pool_b[idx_b[t]].reshape(r, o).T``
+with ``h = l_a * s_a``, ``o = l_b * s_b``. An index ``-1`` is a zero shard (a
+tenant of smaller rank pads whole rank rows with ``-1``).
+
+Dtypes: activations fp32 / fp64 / fp16 / bf16; pools in the activation dtype
+or fp32; index tables and segment tensors int32; ``scale`` fp32 ``[T]``. The
+rank-space tensors (``v``, ``u``) and pool gradients use the accumulation dtype:
+fp64 for fp64 activations, else fp32.
+
+This module registers the fake (meta) kernels, the composite ``sharded_lora``
+and the autograd formulas; the kernels themselves are C++/CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers the schemas and kernels)
+
+__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------
+# Public wrappers
+
+
+def gather_shards(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out = pool[idx].reshape(*idx.shape[:-1], l * s)`` with ``-1`` entries giving zeros.
+
+    pool: ``[P, s]`` float; idx: ``[..., r, l]`` int32. Returns ``[..., r, l*s]`` in
+    the pool dtype: ``A`` for an A table, ``Bᵀ`` for a B table. Differentiable in ``pool``.
+    """
+    return torch.ops.mos.gather_shards(pool, idx)
+
+
+def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
+    """``v[s:e] = x[s:e] @ A_t.T`` per segment (rows outside every segment or of ``-1`` tenants are 0).
+
+    x: ``[N, h]``; pool_a: ``[P_a, s_a]``; idx_a: ``[T, r, l_a]``; returns ``v [N, r]``
+    in the accumulation dtype. Differentiable in ``x`` and ``pool_a``.
+    """
+    return torch.ops.mos.sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant)
+
+
+def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """``y[s:e] += scale[t] * v[s:e] @ B_t.T`` per segment, in place; returns ``y``.
+
+    y: ``[N, o]``; v: ``[N, r]`` accumulation dtype; pool_b: ``[P_b, s_b]``; idx_b:
+    ``[T, r, l_b]``; scale: ``[T]`` fp32. Accumulates in fp32 (fp64) and rounds once.
+    """
+    torch.ops.mos.sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant)
+    return y
+
+
+def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """``y[s:e] += scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` per segment, in place; returns ``y``.
+
+    The serving op: many tenants' sharded adapters applied to one mixed batch,
+    shards read straight from the pools (no materialized ``A``/``B``).
+    """
+    torch.ops.mos.sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
+    return y
+
+
+def shard_grad(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant, deterministic: bool = False):
+    """Fused pool-gradient accumulation, in place; returns ``grad_pool``::
+
+        grad_pool[idx[t, j, i]] += scale[t] * sum_{n in t's segments} u[n, j] * x[n, i*s:(i+1)*s]
+
+    grad_pool: ``[P, s]`` accumulation dtype; u: ``[N, r]`` accumulation dtype; x:
+    ``[N, l*s]``; idx: ``[T, r, l]``. For the A pool pass ``u = dy @ B`` (the shrink of
+    ``dy`` through the B side) and ``x``; for the B pool pass ``u = v`` and ``x = dy``.
+    ``deterministic=True`` asks for run-to-run bitwise reproducibility (the CPU
+    kernel always is).
+    """
+    torch.ops.mos.shard_grad(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant, deterministic)
+    return grad_pool
+
+
+def sharded_lora(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """Differentiable ``delta[s:e] = scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` (zero outside segments).
+
+    Gradients flow to ``x``, ``pool_a`` and ``pool_b``; the pool gradients go
+    through the fused accumulation (:func:`shard_grad`), never a materialized
+    per-layer ``A``/``B`` gradient. ``scale`` is a constant.
+    """
+    delta, _ = torch.ops.mos.sharded_lora(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
+    return delta
+
+
+# ----------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only.
+
+
+@torch.library.register_fake("mos::gather_shards")
+def _gather_shards_fake(pool, idx):
+    return pool.new_empty((*idx.shape[:-1], idx.shape[-1] * pool.shape[1]))
+
+
+@torch.library.register_fake("mos::sgmv_shrink")
+def _sgmv_shrink_fake(x, pool_a, idx_a, seg_indptr, seg_tenant):
+    return x.new_empty((x.shape[0], idx_a.shape[1]), dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("mos::sgmv_expand")
+def _sgmv_expand_fake(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant):
+    return None
+
+
+@torch.library.register_fake("mos::sgmv")
+def _sgmv_fake(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
+    return None
+
+
+@torch.library.register_fake("mos::shard_grad")
+def _shard_grad_fake(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant, deterministic=False):
+    return None
+
+
+@torch.library.register_fake("mos::sharded_lora")
+def _sharded_lora_fake(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
+    _check_tables_agree(idx_a, idx_b)
+    o = idx_b.shape[2] * pool_b.shape[1]
+    return x.new_empty((x.shape[0], o)), x.new_empty((x.shape[0], idx_a.shape[1]), dtype=_acc_dtype(x.dtype))
+
+
+# ----------------------------------------------------------------------------
+# sharded_lora: composite of the two halves, for every device.
+
+
+def _check_tables_agree(idx_a, idx_b):
+    if idx_a.dim() != 3 or idx_b.dim() != 3 or idx_a.shape[:2] != idx_b.shape[:2]:
+        raise ValueError(
+            "idx_a and idx_b must be [T, r, l_a] and [T, r, l_b] with the same T and r, "
+            f"got shapes {tuple(idx_a.shape)} and {tuple(idx_b.shape)}"
+        )
+
+
+@torch.library.impl("mos::sharded_lora", "CompositeExplicitAutograd")
+def _sharded_lora_impl(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
+    _check_tables_agree(idx_a, idx_b)
+    v = torch.ops.mos.sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant)
+    y = x.new_zeros((x.shape[0], idx_b.shape[2] * pool_b.shape[1]))
+    torch.ops.mos.sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant)
+    return y, v
+
+
+# ----------------------------------------------------------------------------
+# Autograd
+
+
+def _unit_stride(t):
+    return t if t.dim() < 2 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant, into=None):
+    """d(pool) from rank-space grads u [N, r] and activations x, via shard_grad."""
+    g = into if into is not None else torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
+    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, False)
+    return g
+
+
+def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant, into=None):
+    """d(x) = expand of rank-space grads u through (pool, idx)."""
+    g = into if into is not None else torch.zeros(x_like.shape, dtype=x_like.dtype, device=x_like.device)
+    torch.ops.mos.sgmv_expand(g, u, pool, idx, scale, seg_indptr, seg_tenant)
+    return g
+
+
+def _ones_scale(idx):
+    return torch.ones(idx.shape[0], dtype=torch.float32, device=idx.device)
+
+
+def _sharded_lora_setup(ctx, inputs, output):
+    x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant = inputs
+    _, v = output
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, v)
+
+
+def _sharded_lora_backward(ctx, dy, dv):
+    x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, v = ctx.saved_tensors
+    need_x, need_pa, need_pb = ctx.needs_input_grad[:3]
+    dx = dpa = dpb = None
+    seg = (seg_indptr, seg_tenant)
+    if dy is not None:
+        dy = _unit_stride(dy)
+        if need_x or need_pa:
+            w = torch.ops.mos.sgmv_shrink(dy, pool_b, idx_b, *seg)  # dy @ B_t
+            if need_x:
+                dx = _input_grad(x, w, pool_a, idx_a, scale, *seg)
+            if need_pa:
+                dpa = _pool_grad(pool_a, w, x, idx_a, scale, *seg)
+        if need_pb:
+            dpb = _pool_grad(pool_b, v, dy, idx_b, scale, *seg)
+    if dv is not None:  # v was used downstream: v = x @ A_t.T, no scale
+        dv = _unit_stride(dv.to(v.dtype))
+        ones = _ones_scale(idx_a)
+        if need_x:
+            dx = _input_grad(x, dv, pool_a, idx_a, ones, *seg, into=dx)
+        if need_pa:
+            dpa = _pool_grad(pool_a, dv, x, idx_a, ones, *seg, into=dpa)
+    if dpa is not None:
+        dpa = dpa.to(pool_a.dtype)
+    if dpb is not None:
+        dpb = dpb.to(pool_b.dtype)
+    return dx, dpa, dpb, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "mos::sharded_lora", _sharded_lora_backward, setup_context=_sharded_lora_setup
+)
+
+
+def _shrink_setup(ctx, inputs, output):
+    x, pool_a, idx_a, seg_indptr, seg_tenant = inputs
+    ctx.save_for_backward(x, pool_a, idx_a, seg_indptr, seg_tenant)
+
+
+def _shrink_backward(ctx, dv):
+    x, pool_a, idx_a, seg_indptr, seg_tenant = ctx.saved_tensors
+    need_x, need_pa = ctx.needs_input_grad[:2]
+    dv = _unit_stride(dv)
+    ones = _ones_scale(idx_a)
+    seg = (seg_indptr, seg_tenant)
+    dx = _input_grad(x, dv, pool_a, idx_a, ones, *seg) if need_x else None
+    dpa = _pool_grad(pool_a, dv, x, idx_a, ones, *seg).to(pool_a.dtype) if need_pa else None
+    return dx, dpa, None, None, None
+
+
+torch.library.register_autograd("mos::sgmv_shrink", _shrink_backward, setup_context=_shrink_setup)
+
+
+def _gather_setup(ctx, inputs, output):
+    pool, idx = inputs
+    ctx.pool_shape = pool.shape
+    ctx.save_for_backward(idx)
+
+
+def _gather_backward(ctx, dout):
+    (idx,) = ctx.saved_tensors
+    s = ctx.pool_shape[1]
+    flat = idx.reshape(-1)
+    src = dout.reshape(flat.numel(), s) * (flat >= 0).unsqueeze(1).to(dout.dtype)
+    dpool = dout.new_zeros(ctx.pool_shape)
+    dpool.index_add_(0, flat.clamp(min=0).long(), src)
+    return dpool, None
+
+
+torch.library.register_autograd("mos::gather_shards", _gather_backward, setup_context=_gather_setup)

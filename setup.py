@@ -1,0 +1,89 @@
+"""Build of mos_ext: the `mos` torch ops (C++ CPU kernels always, CUDA kernels
+when torch has CUDA and nvcc is found).
+
+Install (torch must already be installed; build isolation would fetch another torch):
+
+    pip install torch==2.13.0 ninja
+    pip install --no-build-isolation -e ".[test]"
+
+Environment:
+    MOS_EXT_CUDA=1|0          force the CUDA kernels on / off (default: auto)
+    MOS_EXT_CUDA_ARCHS="80;90a"  CUDA architectures (default: 80;90a)
+    MAX_JOBS=N                parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - message for the user
+    sys.exit(
+        "mos_ext: torch is not importable. Install torch first, then build without isolation:\n"
+        "    pip install torch==2.13.0 ninja\n"
+        "    pip install --no-build-isolation -e .\n"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("MOS_EXT_CUDA", "").strip().lower()
+    if flag in ("0", "false", "off", "no"):
+        return False
+    have = torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
+    )
+    if flag in ("1", "true", "on", "yes"):
+        if not have:
+            sys.exit("mos_ext: MOS_EXT_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME is missing")
+        return True
+    return have
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
+link_flags = ["-fopenmp"]
+
+if want_cuda():
+    archs = os.environ.get("MOS_EXT_CUDA_ARCHS", "80;90a").split(";")
+    gencode = []
+    for a in archs:
+        a = a.strip()
+        if a:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    ext = CUDAExtension(
+        "mos_ext._C",
+        cpu_sources
+        + rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        + rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))),
+        define_macros=[("MOS_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
+        },
+        extra_link_args=link_flags,
+    )
+else:
+    ext = CppExtension("mos_ext._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=link_flags)
+
+setup(
+    name="mos_ext",
+    version="0.1.0",
+    description="Mixture-of-Shards LoRA: torch ops (index-gather SGMV, fused pool gradients) for training and serving",
+    packages=find_packages(include=["mos_ext", "mos_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "safetensors>=0.4"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    zip_safe=False,
+)
