@@ -1,0 +1,91 @@
+"""Plain-PyTorch reference of every ``torch.ops.mos`` operator: the oracle of the tests.
+
+Written straight from ``shared/design/MOS.md`` §3, for clarity only: a Python
+loop over segments, the adapter matrices materialized with indexing, all
+arithmetic in float64, one cast to the op's output dtype at the end. Functions
+return new tensors (the in-place ops' results are returned instead of written)
+and are differentiable through ordinary autograd, so they also give reference
+gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "segments"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segments(seg_indptr: torch.Tensor, seg_tenant: torch.Tensor):
+    """``(start, end, tenant)`` of every segment with a tenant ``>= 0``."""
+    ip = seg_indptr.tolist()
+    for g, t in enumerate(seg_tenant.tolist()):
+        if t >= 0:
+            yield ip[g], ip[g + 1], t
+
+
+def gather_shards(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``pool[idx]`` with ``-1`` entries as zero shards, slots concatenated: ``[..., r, l*s]``."""
+    s = pool.shape[1]
+    shards = pool[idx.long().clamp(min=0)]  # [..., r, l, s]
+    shards = torch.where((idx >= 0).unsqueeze(-1), shards, torch.zeros_like(shards))
+    return shards.reshape(*idx.shape[:-1], idx.shape[-1] * s)
+
+
+def _a(pool_a, idx_a, t):
+    return gather_shards(pool_a.double(), idx_a[t])  # A_t [r, h]
+
+
+def _bt(pool_b, idx_b, t):
+    return gather_shards(pool_b.double(), idx_b[t])  # B_t^T [r, o]
+
+
+def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
+    """``v[s:e] = x[s:e] @ A_t.T``; other rows zero. Returns ``[N, r]`` in the accumulation dtype."""
+    v = torch.zeros(x.shape[0], idx_a.shape[1], dtype=torch.float64, device=x.device)
+    for s, e, t in segments(seg_indptr, seg_tenant):
+        v[s:e] = x[s:e].double() @ _a(pool_a, idx_a, t).T
+    return v.to(_acc_dtype(x.dtype))
+
+
+def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """New ``y`` with ``y[s:e] += scale[t] * v[s:e] @ B_t.T``."""
+    out = y.double().clone()
+    for s, e, t in segments(seg_indptr, seg_tenant):
+        out[s:e] = out[s:e] + scale[t].double() * (v[s:e].double() @ _bt(pool_b, idx_b, t))
+    return out.to(y.dtype)
+
+
+def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """New ``y`` with ``y[s:e] += scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` (one rounding)."""
+    out = y.double().clone()
+    for s, e, t in segments(seg_indptr, seg_tenant):
+        v = x[s:e].double() @ _a(pool_a, idx_a, t).T
+        out[s:e] = out[s:e] + scale[t].double() * (v @ _bt(pool_b, idx_b, t))
+    return out.to(y.dtype)
+
+
+def shard_grad(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """New ``grad_pool`` with ``grad_pool[idx[t, j, i]] += scale[t] * sum_n u[n, j] * x[n, i*s:(i+1)*s]``."""
+    out = grad_pool.double().clone()
+    s_len = grad_pool.shape[1]
+    r, l = idx.shape[1], idx.shape[2]
+    for s, e, t in segments(seg_indptr, seg_tenant):
+        g = scale[t].double() * (u[s:e].double().T @ x[s:e].double())  # [r, l*s] = gradient of A_t
+        rows = idx[t].reshape(-1)
+        keep = rows >= 0
+        out.index_add_(0, rows[keep].long(), g.reshape(r * l, s_len)[keep])
+    return out.to(grad_pool.dtype)
+
+
+def sharded_lora(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+    """``delta[s:e] = scale[t] * (x[s:e] @ A_t.T) @ B_t.T``, zero elsewhere; in ``x``'s dtype.
+
+    Differentiable in ``x``, ``pool_a``, ``pool_b`` through plain autograd (the
+    naive implementation the fused backward is checked against).
+    """
+    o = idx_b.shape[2] * pool_b.shape[1]
+    delta = torch.zeros(x.shape[0], o, dtype=x.dtype, device=x.device)
+    return sgmv(delta, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)

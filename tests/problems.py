@@ -1,0 +1,181 @@
+"""Random multi-tenant problems for the op tests (shared by every test file).
+
+A problem is the argument set of ``sgmv`` (plus its halves): a batch of ``N``
+tokens cut into segments by a popularity pattern, ``T`` tenants with index
+tables into stacked pools, random values everywhere (never zeros), fixed seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed", "empty", "none")
+
+# Tolerances of an op's output against the float64 reference, per activation
+# dtype: |out - ref| <= atol + rtol * |ref|. bf16/fp16 outputs are rounded
+# once by both sides, so they may differ by about one unit in the last place.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_points(n: int, parts: int, gen: torch.Generator) -> list:
+    """``parts + 1`` non-decreasing cut points from 0 to n (empty parts possible)."""
+    if parts <= 0:
+        return [0]
+    cuts = sorted(torch.randint(0, n + 1, (parts - 1,), generator=gen).tolist())
+    return [0] + cuts + [n]
+
+
+def make_segments(N: int, T: int, S: int, popularity: str, gen: torch.Generator):
+    """seg_indptr [S+1], seg_tenant [S] (int32) for a popularity pattern.
+
+    distinct: every segment a different tenant; uniform: tenants uniform at
+    random; zipf: a few tenants take most segments; identical: one tenant for
+    all; skewed: one long segment and many one-token ones; empty: many empty
+    segments and tokens left outside every segment; none: a mix with ``-1``.
+    """
+    if popularity == "distinct":
+        S = min(S, T)
+        tenants = torch.randperm(T, generator=gen)[:S].tolist()
+        ptr = split_points(N, S, gen)
+    elif popularity == "uniform":
+        tenants = torch.randint(0, T, (S,), generator=gen).tolist()
+        ptr = split_points(N, S, gen)
+    elif popularity == "zipf":
+        w = 1.0 / torch.arange(1, T + 1, dtype=torch.float64) ** 1.2
+        tenants = torch.multinomial(w, S, replacement=True, generator=gen).tolist()
+        ptr = split_points(N, S, gen)
+    elif popularity == "identical":
+        t = int(torch.randint(0, T, (1,), generator=gen))
+        tenants = [t] * S
+        ptr = split_points(N, S, gen)
+    elif popularity == "skewed":
+        small = min(S - 1, N // 2)
+        long_len = N - small
+        lens = [long_len] + [1] * small
+        perm = torch.randperm(len(lens), generator=gen).tolist()
+        lens = [lens[k] for k in perm]
+        ptr = [0]
+        for n in lens:
+            ptr.append(ptr[-1] + n)
+        tenants = torch.randint(0, T, (len(lens),), generator=gen).tolist()
+    elif popularity == "empty":
+        used = int(N * 0.75)
+        ptr = split_points(used, S, gen)
+        # force a few zero-length segments
+        for k in range(1, len(ptr) - 1, 3):
+            ptr[k] = ptr[k - 1]
+        ptr = sorted(ptr)
+        tenants = torch.randint(0, T, (S,), generator=gen).tolist()
+    elif popularity == "none":
+        tenants = torch.randint(-1, T, (S,), generator=gen).tolist()
+        tenants[0] = -1
+        ptr = split_points(N, S, gen)
+    else:
+        raise ValueError(popularity)
+    return torch.tensor(ptr, dtype=torch.int32), torch.tensor(tenants, dtype=torch.int32)
+
+
+def make_table(T: int, r: int, l: int, P: int, gen: torch.Generator, ranks=None, tie_to=None):
+    """idx [T, r, l] int32 into a pool of P rows; rows >= ranks[t] padded with -1.
+
+    Each tenant draws distinct rows when the pool is large enough (as MoS
+    tables do), else rows with repeats (as MiSS tables do).
+    """
+    idx = torch.empty(T, r, l, dtype=torch.int32)
+    for t in range(T):
+        if P >= r * l:
+            idx[t] = torch.randperm(P, generator=gen)[: r * l].reshape(r, l).to(torch.int32)
+        else:
+            idx[t] = torch.randint(0, P, (r, l), generator=gen, dtype=torch.int32)
+        if ranks is not None:
+            idx[t, ranks[t]:] = -1
+    return idx
+
+
+@dataclasses.dataclass
+class Problem:
+    x: torch.Tensor
+    y: torch.Tensor
+    pool_a: torch.Tensor
+    pool_b: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    scale: torch.Tensor
+    seg_indptr: torch.Tensor
+    seg_tenant: torch.Tensor
+
+    def sgmv_args(self):
+        return (self.x, self.pool_a, self.pool_b, self.idx_a, self.idx_b, self.scale, self.seg_indptr, self.seg_tenant)
+
+    def covered_rows(self) -> torch.Tensor:
+        """Bool [N]: tokens in a segment with a tenant >= 0."""
+        m = torch.zeros(self.x.shape[0], dtype=torch.bool)
+        ip = self.seg_indptr.tolist()
+        for g, t in enumerate(self.seg_tenant.tolist()):
+            if t >= 0:
+                m[ip[g]:ip[g + 1]] = True
+        return m
+
+    def to(self, device):
+        return Problem(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def make_problem(
+    *,
+    T: int = 4,
+    N: int = 37,
+    h: int = 64,
+    o: int = 48,
+    r: int = 8,
+    l_a: int = 4,
+    l_b: int = 2,
+    S: int = 6,
+    popularity: str = "uniform",
+    dtype=torch.float32,
+    pool_dtype=None,
+    mixed_ranks: bool = False,
+    pool_rows=None,
+    seed: int = 0,
+) -> Problem:
+    """A random problem. ``pool_rows`` defaults to enough rows for distinct shards."""
+    gen = torch.Generator().manual_seed(seed)
+    assert h % l_a == 0 and o % l_b == 0
+    s_a, s_b = h // l_a, o // l_b
+    pool_dtype = pool_dtype or dtype
+    P_a = pool_rows if pool_rows is not None else max(1, T * r * l_a // 2 + 3)
+    P_b = pool_rows if pool_rows is not None else max(1, T * r * l_b // 2 + 5)
+    ranks = torch.randint(1, r + 1, (T,), generator=gen).tolist() if mixed_ranks else None
+    idx_a = make_table(T, r, l_a, P_a, gen, ranks)
+    idx_b = make_table(T, r, l_b, P_b, gen, ranks)
+    x = torch.randn(N, h, generator=gen, dtype=torch.float64)
+    y = torch.randn(N, o, generator=gen, dtype=torch.float64)
+    pool_a = torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / max(h, 1) ** 0.5
+    pool_b = torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).to(torch.float32)
+    seg_indptr, seg_tenant = make_segments(N, T, S, popularity, gen)
+    return Problem(
+        x=x.to(dtype),
+        y=y.to(dtype),
+        pool_a=pool_a.to(pool_dtype),
+        pool_b=pool_b.to(pool_dtype),
+        idx_a=idx_a,
+        idx_b=idx_b,
+        scale=scale,
+        seg_indptr=seg_indptr,
+        seg_tenant=seg_tenant,
+    )
+
+
+def assert_close(out, ref, dtype, what=""):
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"], msg=lambda m: f"{what}: {m}")
