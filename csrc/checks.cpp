@@ -22,13 +22,30 @@ std::atomic<bool>& checks_flag() {
   return flag;
 }
 
+// torch's Python spelling of a dtype, for messages.
+const char* dt(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 bool is_act_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 void check_act(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(is_act_dtype(t.scalar_type()), name,
-                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+                   " must be float32, float64, float16 or bfloat16, got ", dt(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D [tokens, features], got shape ",
                     t.sizes());
   TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name,
@@ -46,15 +63,15 @@ void same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
 // A pool [P, s] in the activation dtype or float32, contiguous.
 void check_pool(const at::Tensor& pool, const char* name, at::ScalarType act) {
   TORCH_CHECK_TYPE(pool.scalar_type() == act || pool.scalar_type() == at::kFloat, name,
-                   " must be ", act, " (the activation dtype) or float32, got ",
-                   pool.scalar_type());
+                   " must be ", dt(act), " (the activation dtype) or float32, got ",
+                   dt(pool.scalar_type()));
   TORCH_CHECK_VALUE(pool.dim() == 2, name, " must be 2-D [pool rows, shard length], got shape ",
                     pool.sizes());
   TORCH_CHECK_VALUE(pool.is_contiguous(), name, " must be contiguous");
 }
 
 void check_int32(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", dt(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
@@ -133,7 +150,7 @@ SideDims check_table(const at::Tensor& idx, const char* idx_name, const at::Tens
 
 void check_scale(const at::Tensor& scale, int64_t T, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "scale must be float32, got ",
-                   scale.scalar_type());
+                   dt(scale.scalar_type()));
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == T,
                     "scale must be 1-D with one entry per tenant (", T, "), got shape ",
                     scale.sizes());
@@ -151,11 +168,11 @@ at::ScalarType acc_dtype(at::ScalarType act) { return act == at::kDouble ? at::k
 
 SideDims check_gather_shards(const at::Tensor& pool, const at::Tensor& idx) {
   TORCH_CHECK_TYPE(is_act_dtype(pool.scalar_type()),
-                   "pool must be float32, float64, float16 or bfloat16, got ", pool.scalar_type());
+                   "pool must be float32, float64, float16 or bfloat16, got ", dt(pool.scalar_type()));
   TORCH_CHECK_VALUE(pool.dim() == 2, "pool must be 2-D [pool rows, shard length], got shape ",
                     pool.sizes());
   TORCH_CHECK_VALUE(pool.is_contiguous(), "pool must be contiguous");
-  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, "idx must be int32, got ", idx.scalar_type());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, "idx must be int32, got ", dt(idx.scalar_type()));
   TORCH_CHECK_VALUE(idx.dim() >= 2, "idx must be [..., r, l] (at least 2-D), got shape ",
                     idx.sizes());
   TORCH_CHECK_VALUE(idx.is_contiguous(), "idx must be contiguous");
@@ -191,8 +208,8 @@ SideDims check_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor
   same_device(v, "v", y, "y");
   SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)");
   const at::ScalarType acc = acc_dtype(y.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == acc, "v must be ", acc, " (the accumulation dtype for y of ",
-                   y.scalar_type(), "), got ", v.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == acc, "v must be ", dt(acc), " (the accumulation dtype for y of ",
+                   dt(y.scalar_type()), "), got ", dt(v.scalar_type()));
   TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == b.r,
                     "v must be [N, r] = [", y.size(0), ", ", b.r, "], got shape ", v.sizes());
   TORCH_CHECK_VALUE(v.size(1) <= 1 || v.stride(1) == 1,
@@ -210,7 +227,7 @@ std::pair<SideDims, SideDims> check_sgmv(const at::Tensor& y, const at::Tensor& 
   check_act(x, "x");
   check_act(y, "y");
   TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (",
-                   x.scalar_type(), "), got ", y.scalar_type());
+                   dt(x.scalar_type()), "), got ", dt(y.scalar_type()));
   same_device(y, "y", x, "x");
   TORCH_CHECK_VALUE(y.size(0) == x.size(0), "y and x must have the same number of tokens, got ",
                     y.size(0), " and ", x.size(0));
@@ -235,9 +252,9 @@ SideDims check_shard_grad(const at::Tensor& grad_pool, const at::Tensor& u, cons
                           const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
   check_act(x, "x");
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  TORCH_CHECK_TYPE(grad_pool.scalar_type() == acc, "grad_pool must be ", acc,
-                   " (the accumulation dtype for x of ", x.scalar_type(), "), got ",
-                   grad_pool.scalar_type());
+  TORCH_CHECK_TYPE(grad_pool.scalar_type() == acc, "grad_pool must be ", dt(acc),
+                   " (the accumulation dtype for x of ", dt(x.scalar_type()), "), got ",
+                   dt(grad_pool.scalar_type()));
   TORCH_CHECK_VALUE(grad_pool.dim() == 2, "grad_pool must be 2-D [pool rows, shard length], got shape ",
                     grad_pool.sizes());
   TORCH_CHECK_VALUE(grad_pool.is_contiguous(), "grad_pool must be contiguous");
@@ -245,8 +262,8 @@ SideDims check_shard_grad(const at::Tensor& grad_pool, const at::Tensor& u, cons
   same_device(u, "u", x, "x");
   same_device(idx, "idx", x, "x");
   SideDims d = check_table(idx, "idx", grad_pool, "grad_pool", x.size(1), "x.size(1)");
-  TORCH_CHECK_TYPE(u.scalar_type() == acc, "u must be ", acc, " (the accumulation dtype for x of ",
-                   x.scalar_type(), "), got ", u.scalar_type());
+  TORCH_CHECK_TYPE(u.scalar_type() == acc, "u must be ", dt(acc), " (the accumulation dtype for x of ",
+                   dt(x.scalar_type()), "), got ", dt(u.scalar_type()));
   TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == d.r,
                     "u must be [N, r] = [", x.size(0), ", ", d.r, "], got shape ", u.sizes());
   TORCH_CHECK_VALUE(u.size(1) <= 1 || u.stride(1) == 1,

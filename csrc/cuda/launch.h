@@ -1,0 +1,82 @@
+// Torch-free entry points of the CUDA kernels (csrc/cuda/*.cu), called by the
+// launcher csrc/cuda/register_cuda.cpp after it has validated the tensors with
+// csrc/checks.h. Plain C++ (includes only the CUDA runtime API), so it compiles
+// under both g++ and nvcc.
+//
+// Every launch_* function enqueues its kernel(s) on `stream` and returns
+// cudaGetLastError() (cudaSuccess when there was nothing to do). None of them
+// synchronizes, allocates, or reads device memory on the host: grids are sized
+// from the arguments' shapes only, so the calls are CUDA-graph capturable.
+//
+// Semantics are those of the CPU kernels (csrc/cpu/kernels_impl.h, MOS.md §3):
+// activations F32 / F64 / F16 / BF16; pools in the activation dtype or F32;
+// accumulation in float (double for F64 activations); outputs rounded once.
+// Index entries outside [0, P) are zero shards, segment tenants outside [0, T)
+// skip the segment, segment bounds are clamped to [0, N] and never overlap.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mos {
+namespace gpu {
+
+// Element types (same numbering as mos::cpu::DType).
+enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
+
+// Segment metadata, device pointers. N must be at most INT32_MAX.
+struct Segments {
+  const int32_t* indptr = nullptr;  // [S+1]
+  const int32_t* tenant = nullptr;  // [S]
+  int64_t S = 0;                    // segments
+  int64_t N = 0;                    // tokens
+  int64_t T = 0;                    // tenants (the size of the tables' first dim)
+};
+
+// One side (A or B) of a sharded adapter batch: pool [P, s] (contiguous) and
+// table idx [T, r, l] (contiguous, rank-major).
+struct Table {
+  const void* pool = nullptr;
+  DType pool_dtype = DType::F32;
+  const int32_t* idx = nullptr;
+  int64_t P = 0, s = 0, l = 0, r = 0;
+};
+
+// out [n, s] = pool[idx[k]] rows (zeros for idx outside [0, P)); elem_size is
+// the pool element size in bytes (2, 4 or 8).
+cudaError_t launch_gather_shards(void* out, const void* pool, int elem_size, const int32_t* idx,
+                                 int64_t n, int64_t P, int64_t s, cudaStream_t stream);
+
+// v[n, j] = sum_i <x[n, i*s:(i+1)*s], pool_a[idx_a[t, j, i]]> for the tokens of
+// valid segments. v [N, r] (accumulation dtype, row stride v_stride) must be
+// zero-initialized by the caller: rows outside valid segments are not written.
+cudaError_t launch_sgmv_shrink(void* v, int64_t v_stride, const void* x, int64_t x_stride, DType act,
+                               const Table& a, const Segments& seg, cudaStream_t stream);
+
+// y[n, i*s:(i+1)*s] += scale[t] * sum_j v[n, j] * pool_b[idx_b[t, j, i]].
+cudaError_t launch_sgmv_expand(void* y, int64_t y_stride, DType act, const void* v, int64_t v_stride,
+                               const Table& b, const float* scale, const Segments& seg,
+                               cudaStream_t stream);
+
+// Fused shrink + expand (v stays in shared memory). Needs a.r == b.r and
+// a.r <= sgmv_max_rank(act, device).
+cudaError_t launch_sgmv(void* y, int64_t y_stride, const void* x, int64_t x_stride, DType act,
+                        const Table& a, const Table& b, const float* scale, const Segments& seg,
+                        cudaStream_t stream);
+
+// The largest rank the fused sgmv kernel supports on `device` (its per-token
+// rank-space vector lives in shared memory).
+int64_t sgmv_max_rank(DType act, int device);
+
+// grad[idx[t, j, i], c] += scale[t] * sum_n u[n, j] * x[n, i*s + c].
+// grad [P, s] and u [N, r] in the accumulation dtype; table.pool is unused.
+// deterministic = false: float/double atomicAdd (order varies run to run);
+// deterministic = true: each grad element is owned by one thread that adds its
+// contributions in a fixed order (bitwise reproducible, no atomics; slower).
+cudaError_t launch_shard_grad(void* grad, const void* u, int64_t u_stride, const void* x, int64_t x_stride,
+                              DType act, const Table& table, const float* scale, const Segments& seg,
+                              bool deterministic, cudaStream_t stream);
+
+}  // namespace gpu
+}  // namespace mos

@@ -1,0 +1,159 @@
+// CUDA implementations of the mos ops: argument checks (csrc/checks.h, shared
+// with the CPU kernels), device guard, dtype mapping, then the torch-free
+// launchers of csrc/cuda/launch.h on the current stream. Host C++ only (built
+// by the C++ compiler, not nvcc); the kernels live in csrc/cuda/*.cu.
+//
+// Nothing here synchronizes or allocates beyond the op's own output (v of
+// sgmv_shrink, out of gather_shards) when index checks are off, so a serving
+// step can be captured in a CUDA graph (mos_ext.set_index_checks(False): the
+// value checks copy the small index tensors to the host). The one exception:
+// sgmv with a rank above gpu::sgmv_max_rank (thousands) falls back to shrink +
+// expand through a temporary v.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "launch.h"
+
+namespace mos {
+namespace gpu {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK_TYPE(false, "mos (CUDA): unsupported dtype ", t);
+  }
+}
+
+Segments make_segments(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T) {
+  Segments s;
+  s.indptr = seg_indptr.data_ptr<int32_t>();
+  s.tenant = seg_tenant.data_ptr<int32_t>();
+  s.S = seg_tenant.numel();
+  s.N = N;
+  s.T = T;
+  return s;
+}
+
+Table make_table(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d) {
+  Table t;
+  t.pool = pool.data_ptr();
+  t.pool_dtype = to_dtype(pool.scalar_type());
+  t.idx = idx.data_ptr<int32_t>();
+  t.P = d.P;
+  t.s = d.s;
+  t.l = d.l;
+  t.r = d.r;
+  return t;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor gather_shards_cuda(const at::Tensor& pool, const at::Tensor& idx) {
+  const SideDims d = check_gather_shards(pool, idx);
+  const c10::cuda::CUDAGuard guard(pool.device());
+  std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end() - 1);
+  shape.push_back(d.l * d.s);
+  at::Tensor out = at::empty(shape, pool.options());
+  const int64_t n = idx.numel();
+  if (n == 0 || d.s == 0) return out;
+  C10_CUDA_CHECK(launch_gather_shards(out.data_ptr(), pool.data_ptr(), static_cast<int>(pool.element_size()),
+                                      idx.data_ptr<int32_t>(), n, d.P, d.s, current_stream()));
+  return out;
+}
+
+// Unchecked halves (arguments validated by the caller, guard set).
+void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
+                 const SideDims& a, const Segments& seg) {
+  C10_CUDA_CHECK(launch_sgmv_shrink(v.data_ptr(), v.stride(0), x.data_ptr(), x.stride(0),
+                                    to_dtype(x.scalar_type()), make_table(pool_a, idx_a, a), seg,
+                                    current_stream()));
+}
+
+void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const at::Tensor& idx_b,
+                 const at::Tensor& scale, const SideDims& b, const Segments& seg) {
+  C10_CUDA_CHECK(launch_sgmv_expand(y.data_ptr(), y.stride(0), to_dtype(y.scalar_type()), v.data_ptr(),
+                                    v.stride(0), make_table(pool_b, idx_b, b), scale.data_ptr<float>(), seg,
+                                    current_stream()));
+}
+
+at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
+                            const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+  const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (a.r == 0 || x.size(0) == 0) return v;
+  shrink_into(v, x, pool_a, idx_a, a, make_segments(seg_indptr, seg_tenant, x.size(0), a.T));
+  return v;
+}
+
+void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const at::Tensor& idx_b,
+                      const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+  const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
+  if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(y.device());
+  expand_from(y, v, pool_b, idx_b, scale, b, make_segments(seg_indptr, seg_tenant, y.size(0), b.T));
+}
+
+void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& pool_b,
+               const at::Tensor& idx_a, const at::Tensor& idx_b, const at::Tensor& scale,
+               const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
+  const SideDims& a = dims.first;
+  const SideDims& b = dims.second;
+  if (a.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), a.T);
+  const DType act = to_dtype(x.scalar_type());
+  if (a.r > sgmv_max_rank(act, x.get_device())) {
+    // The fused kernel keeps v [tokens, r] in shared memory; beyond its limit
+    // go through a temporary v (same result, one allocation).
+    at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
+    shrink_into(v, x, pool_a, idx_a, a, seg);
+    expand_from(y, v, pool_b, idx_b, scale, b, seg);
+    return;
+  }
+  C10_CUDA_CHECK(launch_sgmv(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), act,
+                             make_table(pool_a, idx_a, a), make_table(pool_b, idx_b, b), scale.data_ptr<float>(),
+                             seg, current_stream()));
+}
+
+void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at::Tensor& x, const at::Tensor& idx,
+                     const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant,
+                     bool deterministic) {
+  const SideDims d = check_shard_grad(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant);
+  if (d.r == 0 || d.s == 0 || x.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  Table t;
+  t.idx = idx.data_ptr<int32_t>();
+  t.P = d.P;
+  t.s = d.s;
+  t.l = d.l;
+  t.r = d.r;
+  C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
+                                   to_dtype(x.scalar_type()), t, scale.data_ptr<float>(),
+                                   make_segments(seg_indptr, seg_tenant, x.size(0), d.T), deterministic,
+                                   current_stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mos, CUDA, m) {
+  m.impl("gather_shards", &gather_shards_cuda);
+  m.impl("sgmv_shrink", &sgmv_shrink_cuda);
+  m.impl("sgmv_expand", &sgmv_expand_cuda);
+  m.impl("sgmv", &sgmv_cuda);
+  m.impl("shard_grad", &shard_grad_cuda);
+}
+
+}  // namespace gpu
+}  // namespace mos
