@@ -15,6 +15,7 @@
 
 #define MOS_VEC_BYTES 32
 #define MOS_RB 2
+#define MOS_HAVE_F16C 1
 #define MOS_ISA_NAME "avx2"
 
 #pragma GCC push_options

@@ -15,6 +15,7 @@
 
 #define MOS_VEC_BYTES 64
 #define MOS_RB 4
+#define MOS_HAVE_F16C 1
 #define MOS_ISA_NAME "avx512"
 
 #pragma GCC push_options

@@ -44,6 +44,31 @@ inline void to_acc(AT* dst, const T* src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<AT>(src[k]);
 }
 
+// bf16 -> fp32 is a 16-bit shift; written out so that it vectorizes.
+template <typename AT>
+inline void to_acc(AT* dst, const c10::BFloat16* src, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(s[k]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    dst[k] = static_cast<AT>(f);
+  }
+}
+
+#ifdef MOS_HAVE_F16C
+// fp16 -> fp32 with the F16C conversion instruction.
+template <typename AT>
+inline void to_acc(AT* dst, const c10::Half* src, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t k = 0; k < n; ++k) {
+    _Float16 hv;
+    std::memcpy(&hv, s + k, sizeof(hv));
+    dst[k] = static_cast<AT>(static_cast<float>(hv));
+  }
+}
+#endif
+
 // Pointer to pool row p as AT values: the row itself when the pool is stored
 // in AT, else its conversion into buf.
 template <typename PT, typename AT>
@@ -249,16 +274,19 @@ void sgmv_items(const SgmvArgs& g, const Item* items, int64_t b, int64_t e) {
 
 // Columns [c0, c1) of every touched pool row; every element receives its
 // contributions in the fixed order (item, slot i, rank j), each a sequential
-// sum over the item's tokens, whatever the column split.
+// sum over the item's tokens started from zero, whatever the column split
+// (c0 is a multiple of the vector width, so the scalar tail columns are fixed).
 template <typename XT, typename AT>
 void shard_grad_cols(const ShardGradArgs& g, const Item* items, int64_t n_items, int64_t c0, int64_t c1) {
   using V = typename VecOf<AT>::type;
   constexpr int64_t W = VecOf<AT>::W;
+  constexpr int64_t JB = 4;  // rank rows per register tile (each x load feeds JB FMAs)
   const Side& S = g.side;
   const int64_t s = S.s, l = S.l, r = S.r, cw = c1 - c0;
   if (cw <= 0 || r == 0) return;
-  const int64_t vec_end = std::min(c1, s / W * W);
-  std::vector<AT> xbuf(kTokBlock * cw), wbuf(kTokBlock * r);
+  const int64_t vec_end = std::max(c0, std::min(c1, s / W * W));
+  const int64_t rs = (r + JB - 1) / JB * JB;  // wbuf row stride, zero padded
+  std::vector<AT> xbuf(kTokBlock * cw), wbuf(kTokBlock * rs, AT(0));
   AT* grad = static_cast<AT*>(g.grad);
   const AT* u = static_cast<const AT*>(g.u);
   const XT* x = static_cast<const XT*>(g.x);
@@ -267,33 +295,53 @@ void shard_grad_cols(const ShardGradArgs& g, const Item* items, int64_t n_items,
     const int64_t m = it.n1 - it.n0;
     const AT sc = static_cast<AT>(g.scale[it.t]);
     for (int64_t nn = 0; nn < m; ++nn)
-      for (int64_t j = 0; j < r; ++j) wbuf[nn * r + j] = sc * u[(it.n0 + nn) * g.u_stride + j];
+      for (int64_t j = 0; j < r; ++j) wbuf[nn * rs + j] = sc * u[(it.n0 + nn) * g.u_stride + j];
     const int32_t* tab = S.idx + static_cast<int64_t>(it.t) * r * l;
     for (int64_t i = 0; i < l; ++i) {
       for (int64_t nn = 0; nn < m; ++nn) to_acc(xbuf.data() + nn * cw, x + (it.n0 + nn) * g.x_stride + i * s + c0, cw);
-      for (int64_t j = 0; j < r; ++j) {
-        const int32_t p = tab[j * l + i];
-        if (!valid_row(p, S.P)) continue;
-        AT* row = grad + p * s;
+      for (int64_t j0 = 0; j0 < r; j0 += JB) {
+        AT* rows[JB];
+        bool any = false;
+        for (int64_t jj = 0; jj < JB; ++jj) {
+          const int32_t p = j0 + jj < r ? tab[(j0 + jj) * l + i] : -1;
+          rows[jj] = valid_row(p, S.P) ? grad + p * s : nullptr;
+          any = any || rows[jj] != nullptr;
+        }
+        if (!any) continue;
         int64_t c = c0;
-        for (; c + 4 * W <= vec_end; c += 4 * W) {
-          V acc[4] = {};
+        for (; c + 2 * W <= vec_end; c += 2 * W) {
+          V acc[JB][2] = {};
           for (int64_t nn = 0; nn < m; ++nn) {
-            const AT wv = wbuf[nn * r + j];
             const AT* xr = xbuf.data() + nn * cw + (c - c0);
-            for (int64_t q = 0; q < 4; ++q) acc[q] += wv * vload(xr + q * W);
+            const V x0 = vload(xr), x1 = vload(xr + W);
+            const AT* wr = wbuf.data() + nn * rs + j0;
+            for (int64_t jj = 0; jj < JB; ++jj) {
+              acc[jj][0] += wr[jj] * x0;
+              acc[jj][1] += wr[jj] * x1;
+            }
           }
-          for (int64_t q = 0; q < 4; ++q) vstore(row + c + q * W, vload(row + c + q * W) + acc[q]);
+          for (int64_t jj = 0; jj < JB; ++jj) {
+            if (rows[jj] == nullptr) continue;
+            vstore(rows[jj] + c, vload(rows[jj] + c) + acc[jj][0]);
+            vstore(rows[jj] + c + W, vload(rows[jj] + c + W) + acc[jj][1]);
+          }
         }
         for (; c + W <= vec_end; c += W) {
-          V acc = {};
-          for (int64_t nn = 0; nn < m; ++nn) acc += wbuf[nn * r + j] * vload(xbuf.data() + nn * cw + (c - c0));
-          vstore(row + c, vload(row + c) + acc);
+          V acc[JB] = {};
+          for (int64_t nn = 0; nn < m; ++nn) {
+            const V xv = vload(xbuf.data() + nn * cw + (c - c0));
+            for (int64_t jj = 0; jj < JB; ++jj) acc[jj] += wbuf[nn * rs + j0 + jj] * xv;
+          }
+          for (int64_t jj = 0; jj < JB; ++jj)
+            if (rows[jj] != nullptr) vstore(rows[jj] + c, vload(rows[jj] + c) + acc[jj]);
         }
         for (; c < c1; ++c) {
-          AT acc = 0;
-          for (int64_t nn = 0; nn < m; ++nn) acc += wbuf[nn * r + j] * xbuf[nn * cw + (c - c0)];
-          row[c] += acc;
+          for (int64_t jj = 0; jj < JB; ++jj) {
+            if (rows[jj] == nullptr) continue;
+            AT acc = 0;
+            for (int64_t nn = 0; nn < m; ++nn) acc += wbuf[nn * rs + j0 + jj] * xbuf[nn * cw + (c - c0)];
+            rows[jj][c] += acc;
+          }
         }
       }
     }
