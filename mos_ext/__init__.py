@@ -14,7 +14,29 @@ from .ops import gather_shards, sgmv, sgmv_expand, sgmv_shrink, shard_grad, shar
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "MoSConfig": ".pools",
+    "ShardPools": ".pools",
+    "MoSLinear": ".layers",
+    "MoSModel": ".model",
+    "get_mos_model": ".model",
+}
+
+
+def __getattr__(name):
+    """The training API (imports transformers) loads on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'mos_ext' has no attribute {name!r}")
+
 __all__ = [
+    "MoSConfig",
+    "MoSModel",
+    "MoSLinear",
+    "ShardPools",
+    "get_mos_model",
     "ops",
     "gather_shards",
     "sgmv",
