@@ -33,19 +33,35 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 
 def _find_targets(model: nn.Module, cfg: MoSConfig) -> "OrderedDict[str, List[str]]":
-    """type -> module paths of the targeted layers, in module order."""
+    """Projection type -> module paths of its targeted layers, in module order.
+
+    A type is a module's last name (``q_proj``); where layers of one name differ in shape
+    (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``) the parent's name is prefixed (``attn_c_proj``).
+    """
     wanted = set(cfg.target_modules)
-    found: "OrderedDict[str, List[str]]" = OrderedDict((t, []) for t in cfg.target_modules)
+    by_name: "OrderedDict[str, List[str]]" = OrderedDict((t, []) for t in cfg.target_modules)
     for name, mod in model.named_modules():
         last = name.rsplit(".", 1)[-1]
-        if last in wanted and not isinstance(mod, MoSLinear):
-            if isinstance(mod, nn.Module) and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-                base_dims(mod)  # raises TypeError for unsupported layer kinds
-                found[last].append(name)
-    missing = [t for t, names in found.items() if not names]
+        if last in wanted and not isinstance(mod, (MoSLinear, nn.ModuleList, nn.ModuleDict)):
+            if name.rsplit(".", 2)[-2:-1] == ["base"] and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), MoSLinear):
+                continue
+            base_dims(mod)  # raises TypeError for unsupported layer kinds
+            by_name[last].append(name)
+    missing = [t for t, names in by_name.items() if not names]
     if missing:
-        raise ValueError(f"target_modules {missing} match no module of the model "
-                         f"(module names end with e.g. {sorted({n.rsplit('.', 1)[-1] for n, _ in model.named_modules() if n})[:12]})")
+        seen = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+        raise ValueError(f"target_modules {missing} match no module of the model (its module names end with "
+                         f"e.g. {seen[:16]})")
+    found: "OrderedDict[str, List[str]]" = OrderedDict()
+    for last, names in by_name.items():
+        shapes = {base_dims(model.get_submodule(n))[:2] for n in names}
+        if len(shapes) == 1:
+            found[last] = names
+            continue
+        for n in names:
+            parts = n.split(".")
+            parent = parts[-2] if len(parts) > 1 else ""
+            found.setdefault(f"{parent}_{last}", []).append(n)
     return found
 
 
@@ -226,7 +242,7 @@ class MoSModel(nn.Module):
             "r": cfg.r,
             "lora_alpha": cfg.scale * cfg.r,  # PEFT scales by lora_alpha / r
             "lora_dropout": cfg.lora_dropout,
-            "target_modules": sorted(self.layer_names),
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in self.mos_layers()}),
             "bias": "none",
             "fan_in_fan_out": fan_in_fan_out,
             "init_lora_weights": True,
@@ -336,15 +352,16 @@ def read_adapter(path: str, model: nn.Module, expect_layers=None):
         tables[t] = (torch.stack(ia), torch.stack(ib))
     if expect_layers is None:
         found = _find_targets(model, cfg)
+        if set(found) != set(types):
+            raise ValueError(f"adapter at {path}: it adapts types {sorted(types)} but the model's target modules "
+                             f"form types {sorted(found)}")
         for t, names in found.items():
-            if names != types.get(t, {}).get("layers"):
+            if names != types[t]["layers"]:
                 raise ValueError(f"adapter at {path}: the model's {t!r} layers {names[:3]}... do not match the "
-                                 f"adapter's {types.get(t, {}).get('layers', [])[:3]}...")
+                                 f"adapter's {types[t]['layers'][:3]}...")
     extra = set(tensors) - expected_keys
     if extra:
         raise ValueError(f"adapter at {path}: unexpected tensors {sorted(extra)[:5]}")
-    if set(cfg.target_modules) != set(types):
-        raise ValueError(f"adapter at {path}: config targets {cfg.target_modules} but the file has types {sorted(types)}")
     # Place pools on the model's device.
     some = next(model.parameters(), None)
     if some is not None:
