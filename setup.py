@@ -82,7 +82,10 @@ setup(
     packages=find_packages(include=["mos_ext", "mos_ext.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors>=0.4"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "numpy"]},
+    extras_require={
+        "train": ["transformers>=4.45", "peft>=0.13"],
+        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45"],
+    },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
