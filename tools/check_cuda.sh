@@ -36,8 +36,12 @@ JOBS="${MOS_CHECK_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/mos_check_cuda.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-# Same nvcc flags as setup.py, minus the gencode list.
-NVCC_FLAGS=(-c -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -Xcompiler -Wall)
+# The nvcc flags of the real build: torch's COMMON_NVCC_FLAGS (no implicit
+# half / bfloat16 conversions or operators), -fPIC, then setup.py's flags; the
+# gencode list is per check.
+NVCC_FLAGS=(-c -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__ -Xcompiler -fPIC -Xcompiler -Wall)
 
 fail=0
 report() {  # name, status, seconds, log

@@ -127,7 +127,7 @@ struct SegArgs {
   const int32_t* indptr;  // [S+1]
   const int32_t* tenant;  // [S]
   int64_t S;              // segments
-  int32_t N;              // tokens (the launcher checks N <= INT32_MAX)
+  int32_t N;              // tokens, clamped to INT32_MAX (seg_indptr is int32)
   int64_t T;              // tenants
 };
 

@@ -4,6 +4,27 @@
 
 namespace mos {
 namespace gpu {
+
+// Every (activation, pool_a, pool_b) combination the op accepts: pools in the
+// activation dtype or float32, independently per side.
+#define MOS_SGMV_INSTANTIATE(XT, PA, PB)                                                                   \
+  template __global__ void sgmv_fused_kernel<XT, PA, PB>(XT*, int64_t, const XT*, int64_t, const float*, \
+                                                         SideArgs, SideArgs, SegArgs);
+MOS_SGMV_INSTANTIATE(float, float, float)
+MOS_SGMV_INSTANTIATE(double, double, double)
+MOS_SGMV_INSTANTIATE(double, float, double)
+MOS_SGMV_INSTANTIATE(double, double, float)
+MOS_SGMV_INSTANTIATE(double, float, float)
+MOS_SGMV_INSTANTIATE(__half, __half, __half)
+MOS_SGMV_INSTANTIATE(__half, float, __half)
+MOS_SGMV_INSTANTIATE(__half, __half, float)
+MOS_SGMV_INSTANTIATE(__half, float, float)
+MOS_SGMV_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+MOS_SGMV_INSTANTIATE(__nv_bfloat16, float, __nv_bfloat16)
+MOS_SGMV_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
+MOS_SGMV_INSTANTIATE(__nv_bfloat16, float, float)
+#undef MOS_SGMV_INSTANTIATE
+
 namespace {
 
 // Blocks the launcher aims for before it splits the output columns of an item
@@ -20,7 +41,7 @@ template <typename AT>
 int64_t max_rank_for(int device) {
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky-free error state
+    (void)cudaGetLastError();  // clear the (non-sticky) error so the launch does not report it
     optin = 48 * 1024;
   }
   const int64_t avail = static_cast<int64_t>(optin) - static_cast<int64_t>(fused_static_smem<AT>());
@@ -34,7 +55,7 @@ cudaError_t run_fused(void* y, int64_t y_stride, const void* x, int64_t x_stride
   constexpr int BM = SgmvCfg<AT>::BM, BN = SgmvCfg<AT>::BN;
   const int64_t items = item_bound(sg.N, sg.S, BM);
   const int64_t tiles = ceil_div(B.l * B.s, BN);
-  if (items <= 0 || tiles <= 0 || A.r <= 0) return cudaSuccess;
+  if (items <= 0 || tiles <= 0 || A.r <= 0 || sg.S <= 0) return cudaSuccess;
   // Few items (decode): split the output columns so that ~kTargetBlocks run.
   int64_t z = ceil_div(kTargetBlocks, items);
   z = z < 1 ? 1 : (z > tiles ? tiles : z);

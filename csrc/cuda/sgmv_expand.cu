@@ -31,7 +31,7 @@ cudaError_t launch_sgmv_expand(void* y, int64_t y_stride, DType act, const void*
     using AT = typename AccOf<XT>::type;
     const int64_t items = item_bound(sg.N, sg.S, SgmvCfg<AT>::BM);
     const int64_t tiles = ceil_div(B.l * B.s, SgmvCfg<AT>::BN);
-    if (items <= 0 || tiles <= 0 || B.r <= 0) return cudaSuccess;
+    if (items <= 0 || tiles <= 0 || B.r <= 0 || sg.S <= 0) return cudaSuccess;
     const dim3 grid(cap_grid_x(items), cap_grid_yz(tiles));
     sgmv_expand_kernel<XT, PT><<<grid, kSgmvThreads, 0, stream>>>(
         static_cast<XT*>(y), y_stride, static_cast<const AT*>(v), v_stride, scale, B, sg);

@@ -29,7 +29,7 @@ cudaError_t launch_sgmv_shrink(void* v, int64_t v_stride, const void* x, int64_t
     using PT = typename decltype(pt)::type;
     using AT = typename AccOf<XT>::type;
     const int64_t items = item_bound(sg.N, sg.S, SgmvCfg<AT>::BM);
-    if (items <= 0 || A.r <= 0) return cudaSuccess;
+    if (items <= 0 || A.r <= 0 || sg.S <= 0) return cudaSuccess;
     const dim3 grid(cap_grid_x(items), cap_grid_yz(ceil_div(A.r, kShrinkRanks)));
     sgmv_shrink_kernel<XT, PT><<<grid, kSgmvThreads, 0, stream>>>(static_cast<AT*>(v), v_stride,
                                                                    static_cast<const XT*>(x), x_stride, A, sg);

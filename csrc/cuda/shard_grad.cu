@@ -9,7 +9,8 @@ namespace gpu {
   template __global__ void shard_grad_atomic_kernel<XT>(AccOf<XT>::type*, const AccOf<XT>::type*, int64_t,   \
                                                         const XT*, int64_t, const float*, SideArgs, SegArgs); \
   template __global__ void shard_grad_owner_kernel<XT>(AccOf<XT>::type*, const AccOf<XT>::type*, int64_t,    \
-                                                       const XT*, int64_t, const float*, SideArgs, SegArgs);
+                                                       const XT*, int64_t, const float*, SideArgs, SegArgs,   \
+                                                       int64_t);
 MOS_SHARD_GRAD_INSTANTIATE(float)
 MOS_SHARD_GRAD_INSTANTIATE(double)
 MOS_SHARD_GRAD_INSTANTIATE(__half)
@@ -29,10 +30,14 @@ cudaError_t launch_shard_grad(void* grad, const void* u, int64_t u_stride, const
     const AT* uu = static_cast<const AT*>(u);
     const XT* xx = static_cast<const XT*>(x);
     if (deterministic) {
-      const dim3 grid(cap_grid_x(ceil_div(S.P, kGradDR)), cap_grid_yz(ceil_div(S.s, kGradDC)));
-      if (static_cast<int64_t>(grid.x) * kGradDR < S.P || static_cast<int64_t>(grid.y) * kGradDC < S.s)
-        return cudaErrorInvalidConfiguration;  // beyond the grid limits (P > 2^34, s > 2^21)
-      shard_grad_owner_kernel<XT><<<grid, kGradThreads, 0, stream>>>(g, uu, u_stride, xx, x_stride, scale, S, sg);
+      // Row blocks from the shape only: at most kGradMaxRowBlocks, at least 8 rows each.
+      int64_t rows = ceil_div(S.P, kGradMaxRowBlocks);
+      rows = rows < kGradWarps ? kGradWarps : rows;
+      const dim3 grid(cap_grid_x(ceil_div(S.P, rows)), cap_grid_yz(ceil_div(S.s, kGradDC)));
+      if (static_cast<int64_t>(grid.y) * kGradDC < S.s)
+        return cudaErrorInvalidConfiguration;  // shard length beyond the grid limit (> 2^21)
+      shard_grad_owner_kernel<XT><<<grid, kGradThreads, 0, stream>>>(g, uu, u_stride, xx, x_stride, scale, S, sg,
+                                                                      rows);
     } else {
       const int64_t items = item_bound(sg.N, sg.S, kGradBM);
       const dim3 grid(cap_grid_x(items), cap_grid_yz(ceil_div(S.l * S.s, kGradThreads)));

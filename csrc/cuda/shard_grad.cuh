@@ -6,21 +6,23 @@
 // row across slots), so several (t, j, i) may hit the same destination row.
 //
 // * shard_grad_atomic_kernel (deterministic = false): one block per item (at
-//   most GBM tokens of one segment) x one tile of 256 columns of h = l * s.
+//   most kGradBM tokens of one segment) x one tile of 256 columns of h = l * s.
 //   Each thread keeps its column of the item's x tile in registers, the scaled
 //   u tile is staged in shared memory in chunks of rank rows, and every
 //   (rank row, column) partial sum goes to the pool row with one atomicAdd
 //   (float, or double for fp64 activations). Fast; the order of the additions
 //   varies from run to run.
 //
-// * shard_grad_owner_kernel (deterministic = true): no atomics. A block owns
-//   DR destination pool rows x DC columns; thread (k, c) owns grad[p0 + k, c]
-//   outright. The block scans the table in order for entries that hit its rows
-//   (a block-wide compaction, so the match list keeps table order), computes
-//   the segment bounds in chunks, and each thread adds, in that fixed order
-//   (table entry, segment, token), the contributions to its element in a
-//   register, then writes it once. Bitwise reproducible; every block scans the
-//   whole table and the token loop is serial per thread, so it is slower.
+// * shard_grad_owner_kernel (deterministic = true): no atomics. A block owns a
+//   range of destination pool rows x 32 columns; inside it, warp w owns the
+//   rows p with (p - p0) % 8 == w and lane c column c, so every grad element
+//   has exactly one writer. The block scans the table in chunks for entries
+//   that hit its rows (a block-wide compaction, so the match list keeps table
+//   order) and computes segment bounds in chunks; the owner adds each entry's
+//   sum over its tenant's tokens in the fixed order (table chunk, segment
+//   chunk, entry, segment, token). Bitwise reproducible. Slower: every block
+//   scans the whole table (at most kGradMaxRowBlocks row blocks per column
+//   tile) and the token loop is serial per lane.
 #pragma once
 
 #include "common.cuh"
@@ -31,8 +33,9 @@ namespace gpu {
 constexpr int kGradThreads = 256;
 constexpr int kGradBM = 32;   // atomic kernel: tokens per item
 constexpr int kGradRC = 32;   // atomic kernel: rank rows per staged u chunk
-constexpr int kGradDC = 32;   // owner kernel: columns per block (one warp)
-constexpr int kGradDR = kGradThreads / kGradDC;  // owner kernel: pool rows per block
+constexpr int kGradDC = 32;   // owner kernel: columns per block (one per lane)
+constexpr int kGradWarps = kGradThreads / kGradDC;  // owner kernel: row owners per block
+constexpr int64_t kGradMaxRowBlocks = 1024;  // owner kernel: row blocks (each scans the whole table)
 
 // Grid (item_bound(N, S, kGradBM), ceil(l * s / kGradThreads)).
 template <typename XT>
@@ -79,28 +82,27 @@ __global__ void __launch_bounds__(kGradThreads)
   }
 }
 
-// Grid (ceil(P / kGradDR), ceil(s / kGradDC)).
+// Grid (row_blocks, ceil(s / kGradDC)); block b owns pool rows
+// [b * rows_per_block, (b + 1) * rows_per_block) and kGradDC columns; inside it,
+// warp w owns the rows p with (p - p0) % kGradWarps == w, lane c one column.
 template <typename XT>
 __global__ void __launch_bounds__(kGradThreads)
     shard_grad_owner_kernel(typename AccOf<XT>::type* __restrict__ grad, const typename AccOf<XT>::type* __restrict__ u,
                             int64_t u_stride, const XT* __restrict__ x, int64_t x_stride,
-                            const float* __restrict__ scale, SideArgs S, SegArgs sg) {
+                            const float* __restrict__ scale, SideArgs S, SegArgs sg, int64_t rows_per_block) {
   using AT = typename AccOf<XT>::type;
   __shared__ int wbuf[kGradThreads / 32 + 1];
   __shared__ int64_t match[kGradThreads];  // table entries hitting this block's rows, in table order
   __shared__ int seg_n0[kGradThreads], seg_n1[kGradThreads], seg_t[kGradThreads];
   const int tid = threadIdx.x;
-  const int k = tid / kGradDC, c = tid % kGradDC;  // a warp = one row, 32 columns
+  const int warp = tid / kGradDC, c = tid % kGradDC;
   const int64_t s = S.s, l = S.l, r = S.r, rl = r * l;
   const int64_t E = sg.T * rl;  // table entries
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kGradDR;
-  const int64_t p_hi = p0 + kGradDR < S.P ? p0 + kGradDR : S.P;
-  const int64_t my_p = p0 + k;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t p_hi = p0 + rows_per_block < S.P ? p0 + rows_per_block : S.P;
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kGradDC + c;
   const bool col_ok = col < s;
 
-  AT total = AT(0);
-  bool touched = false;
   for (int64_t e0 = 0; e0 < E; e0 += kGradThreads) {
     const int64_t e = e0 + tid;
     const int32_t q = e < E ? S.idx[e] : -1;
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(kGradThreads)
     int carry = 0;
     for (int64_t g0 = 0; g0 < sg.S; g0 += kGradThreads) {
       int n0, n1, t;
-      segment_chunk<kGradThreads>(sg, g0, carry, wbuf, n0, n1, t);  // starts with __syncthreads
+      segment_chunk<kGradThreads>(sg, g0, carry, wbuf, n0, n1, t);  // syncs before touching shared memory
       seg_n0[tid] = n0;
       seg_n1[tid] = n1;
       seg_t[tid] = t;
@@ -121,29 +123,32 @@ __global__ void __launch_bounds__(kGradThreads)
       const int n_seg = static_cast<int>(sg.S - g0 < kGradThreads ? sg.S - g0 : kGradThreads);
       for (int mi = 0; mi < n_match; ++mi) {
         const int64_t me = match[mi];
-        if (S.idx[me] != my_p) continue;  // warp-uniform (a warp is one row)
+        const int64_t p = S.idx[me];
+        if ((p - p0) % kGradWarps != warp) continue;  // warp-uniform: another warp owns row p
         const int tt = static_cast<int>(me / rl);
         const int64_t rem = me - static_cast<int64_t>(tt) * rl;
         const int64_t j = rem / l, i = rem - j * l;
         const AT sc = static_cast<AT>(scale[tt]);
         const XT* xc = x + i * s + (col_ok ? col : 0);
         const AT* uj = u + j;
+        AT acc = AT(0);
+        bool any = false;
         for (int gg = 0; gg < n_seg; ++gg) {
           if (seg_t[gg] != tt || seg_n0[gg] >= seg_n1[gg]) continue;
-          touched = true;  // as on the CPU: only rows that receive tokens are written
+          any = true;  // as on the CPU: a row is written only when it receives tokens
           if (!col_ok) continue;
           for (int n = seg_n0[gg]; n < seg_n1[gg]; ++n)
-            total += (sc * uj[static_cast<int64_t>(n) * u_stride]) * to_acc<AT>(xc[static_cast<int64_t>(n) * x_stride]);
+            acc += (sc * uj[static_cast<int64_t>(n) * u_stride]) * to_acc<AT>(xc[static_cast<int64_t>(n) * x_stride]);
+        }
+        if (any && col_ok) {
+          AT* gp = grad + p * s + col;  // owned by this lane: no other thread writes it
+          *gp = *gp + acc;
         }
       }
       if (carry >= sg.N) break;  // uniform: no later segment has tokens
     }
-    // The next table chunk's scan starts with __syncthreads, so `match` and
-    // the segment arrays are not overwritten while still being read.
-  }
-  if (touched && col_ok && my_p < S.P) {
-    AT* gp = grad + my_p * s + col;
-    *gp = *gp + total;
+    // The next table chunk's scan syncs before `match` and the segment arrays
+    // are overwritten.
   }
 }
 

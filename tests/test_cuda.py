@@ -1,0 +1,510 @@
+"""The CUDA kernels (csrc/cuda/) against the CPU kernels, on the same inputs.
+
+Every op runs on CUDA copies of a random problem and on the CPU originals (the
+CPU kernels are checked against ``mos_ext.reference`` in the other test files);
+the outputs must agree to a per-dtype tolerance (both accumulate in fp32, fp64
+for fp64, in different orders, and round once). Outputs are poisoned with random
+values first and rows outside every valid segment must come back bitwise
+unchanged. Also: deterministic ``shard_grad`` is bitwise reproducible, a
+CUDA-graph capture of ``sgmv`` replays bitwise like eager, ``sharded_lora``
+compiles with ``fullgraph=True`` (forward and backward), invalid indices raise
+with checks on and are skipped exactly like on the CPU with checks off.
+
+Needs a CUDA device and a CUDA build of the extension; elsewhere the whole
+module is skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+import mos_ext
+from mos_ext import ops
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and mos_ext.cuda_built()
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not _cuda_ready(),
+        reason="needs a CUDA device and mos_ext built with its CUDA kernels "
+        f"(torch.cuda.is_available()={torch.cuda.is_available()}, mos_ext.cuda_built()={mos_ext.cuda_built()})",
+    ),
+]
+
+DEV = torch.device("cuda")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# CUDA vs CPU, per output dtype: |cuda - cpu| <= tol * max(1, max|cpu|) + tol * |cpu|.
+# fp16/bf16 outputs may differ by one unit in the last place (each side rounds
+# its own fp32 sum once); fp32 / fp64 only by summation order.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 3e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_close(out, ref, what=""):
+    """``out`` (any device) against the CPU result ``ref``, tolerance of ref's dtype."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    tol = TOL[ref.dtype]
+    ref64 = ref.double()
+    mag = max(1.0, ref64.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out.cpu().double(), ref64, rtol=tol, atol=tol * mag, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------
+# Random problems (self-contained: segments with random lengths including empty
+# ones, -1 tenants, tokens outside every segment, -1 padded rank rows, shared
+# pool rows, strided activations).
+
+
+@dataclasses.dataclass
+class Case:
+    x: torch.Tensor
+    y: torch.Tensor
+    pool_a: torch.Tensor
+    pool_b: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    scale: torch.Tensor
+    seg_indptr: torch.Tensor
+    seg_tenant: torch.Tensor
+
+    def to(self, device) -> "Case":
+        def mv(t):
+            if t.dim() == 2 and t.stride(0) != t.shape[1]:  # keep a strided activation strided
+                return _strided_like(t, device)
+            return t.to(device)
+
+        return Case(**{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def valid_rows(self) -> torch.Tensor:
+        """Bool [N]: tokens in a segment with a tenant in [0, T) (seg_indptr assumed valid)."""
+        N, T = self.x.shape[0], self.idx_a.shape[0]
+        m = torch.zeros(N, dtype=torch.bool)
+        ip = self.seg_indptr.tolist()
+        for g, t in enumerate(self.seg_tenant.tolist()):
+            if 0 <= t < T:
+                m[ip[g]:ip[g + 1]] = True
+        return m
+
+
+def _strided(n, w, dtype, gen):
+    """[n, w] with row stride w + 3 (last-dim stride 1), random normal values."""
+    return torch.randn(n, w + 3, generator=gen, dtype=torch.float64).to(dtype)[:, 2:w + 2]
+
+
+def _strided_like(t, device):
+    base = torch.empty(t.shape[0], t.shape[1] + 3, dtype=t.dtype, device=device)
+    out = base[:, 2:t.shape[1] + 2]
+    out.copy_(t)
+    return out
+
+
+def make_segments(N, T, S, gen):
+    """seg_indptr [S+1], seg_tenant [S]: random lengths (some empty), ~20% tenants -1,
+    sometimes a tail of tokens outside every segment."""
+    covered = N if torch.rand(1, generator=gen).item() < 0.5 else int(torch.randint(0, N + 1, (1,), generator=gen))
+    if S == 0:
+        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    cuts = sorted(torch.randint(0, covered + 1, (S - 1,), generator=gen).tolist())
+    ptr = [0] + cuts + [covered]
+    for g in range(1, S, 4):  # force a few empty segments
+        ptr[g] = ptr[g - 1]
+    ptr = sorted(ptr)
+    ten = torch.randint(0, T, (S,), generator=gen)
+    ten[torch.rand(S, generator=gen) < 0.2] = -1
+    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
+
+
+def make_table(T, r, l, P, gen):
+    """idx [T, r, l] into P rows (repeats when P is small); tenant t keeps a random
+    rank in [0, r] and pads the other rank rows with -1."""
+    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
+    ranks = torch.randint(0, r + 1, (T,), generator=gen)
+    ranks[torch.rand(T, generator=gen) < 0.5] = r
+    for t in range(T):
+        idx[t, int(ranks[t]):] = -1
+    return idx
+
+
+def make_case(*, N, h, l_a, o, l_b, r, T, S, dtype, pool_a_dtype=None, pool_b_dtype=None, pool_rows=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    assert h % l_a == 0 and o % l_b == 0
+    s_a, s_b = h // l_a, o // l_b
+    P_a = pool_rows or max(2, min(4096, T * r * l_a // 2 + 3))
+    P_b = pool_rows or max(2, min(4096, T * r * l_b // 2 + 5))
+    x = _strided(N, h, dtype, gen)
+    y = _strided(N, o, dtype, gen)
+    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / max(h, 1) ** 0.5).to(pool_a_dtype or dtype)
+    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5).to(pool_b_dtype or dtype)
+    idx_a = make_table(T, r, l_a, P_a, gen)
+    idx_b = make_table(T, r, l_b, P_b, gen)
+    idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1  # a padded rank row is padded on both sides
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).to(torch.float32)
+    seg_indptr, seg_tenant = make_segments(N, T, S, gen)
+    return Case(x, y, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
+
+
+SHAPES = {
+    # name: (N, h, l_a, o, l_b, r, T, S)
+    "decode1": (1, 64, 1, 64, 1, 8, 1, 1),
+    "small": (37, 128, 4, 96, 2, 8, 4, 6),
+    "h2049_l1": (300, 2049, 1, 40, 1, 4, 3, 7),
+    "h444_l4": (120, 444, 4, 444, 4, 16, 16, 20),
+    "t1024_decode": (64, 1024, 16, 512, 8, 16, 1024, 64),
+    "r128": (513, 256, 2, 1024, 4, 128, 5, 9),
+    "r130": (70, 96, 3, 72, 2, 130, 2, 3),
+    "empty_batch": (0, 32, 2, 16, 1, 4, 2, 0),
+}
+
+
+def case(name, dtype, pool_a_dtype=None, pool_b_dtype=None, seed=0, **kw):
+    N, h, l_a, o, l_b, r, T, S = SHAPES[name]
+    return make_case(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=dtype, pool_a_dtype=pool_a_dtype,
+                     pool_b_dtype=pool_b_dtype, seed=seed + 7 * len(name), **kw)
+
+
+def _pool_dtype(kind, dtype):
+    return torch.float32 if kind == "f32" else dtype
+
+
+# ----------------------------------------------------------------------------
+# Op by op, CUDA against CPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["small", "h444_l4", "t1024_decode", "empty_batch"])
+def test_gather_shards(shape, dtype):
+    c = case(shape, dtype)
+    idx = c.idx_a.clone()
+    idx[0, 0, 0] = -1
+    out = ops.gather_shards(c.pool_a.to(DEV), idx.to(DEV))
+    ref = ops.gather_shards(c.pool_a, idx)
+    assert out.device.type == DEV.type
+    assert torch.equal(out.cpu(), ref)  # a pure copy: bitwise
+    # a 4-D table ([layers, T, r, l]) works too
+    idx4 = torch.stack([idx, idx.flip(0)])
+    assert torch.equal(ops.gather_shards(c.pool_a.to(DEV), idx4.to(DEV)).cpu(), ops.gather_shards(c.pool_a, idx4))
+
+
+@pytest.mark.parametrize("pool", ["act", "f32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sgmv_shrink(shape, dtype, pool):
+    c = case(shape, dtype, pool_a_dtype=_pool_dtype(pool, dtype))
+    d = c.to(DEV)
+    v = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+    ref = ops.sgmv_shrink(c.x, c.pool_a, c.idx_a, c.seg_indptr, c.seg_tenant)
+    assert_close(v, ref, f"shrink {shape} {dtype} pool={pool}")
+    outside = ~c.valid_rows()
+    assert (v.cpu()[outside] == 0).all(), "rows outside valid segments must be zero"
+
+
+@pytest.mark.parametrize("pool", ["act", "f32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sgmv_expand(shape, dtype, pool):
+    c = case(shape, dtype, pool_b_dtype=_pool_dtype(pool, dtype), seed=1)
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(c.x.shape[0], c.idx_b.shape[1], generator=gen, dtype=acc_dtype(dtype))
+    d = c.to(DEV)
+    y0 = c.y.clone()
+    ops.sgmv_expand(d.y, v.to(DEV), d.pool_b, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    ops.sgmv_expand(c.y, v, c.pool_b, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(d.y, c.y, f"expand {shape} {dtype} pool={pool}")
+    outside = ~c.valid_rows()
+    assert torch.equal(d.y.cpu()[outside], y0[outside]), "rows outside valid segments must be untouched"
+
+
+@pytest.mark.parametrize("pools", ["act/act", "f32/f32", "f32/act", "act/f32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sgmv(shape, dtype, pools):
+    if dtype == torch.float32 and pools != "act/act":
+        pytest.skip("fp32 pools are the activation dtype")
+    pa, pb = pools.split("/")
+    c = case(shape, dtype, pool_a_dtype=_pool_dtype(pa, dtype), pool_b_dtype=_pool_dtype(pb, dtype), seed=2)
+    d = c.to(DEV)
+    y0 = c.y.clone()
+    ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    ops.sgmv(c.y, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert d.y.stride(0) != d.y.shape[1] or d.y.shape[0] <= 1  # the strided output was written in place
+    assert_close(d.y, c.y, f"sgmv {shape} {dtype} pools={pools}")
+    outside = ~c.valid_rows()
+    assert torch.equal(d.y.cpu()[outside], y0[outside]), "rows outside valid segments must be untouched"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_shard_grad(shape, dtype, side, deterministic):
+    c = case(shape, dtype, seed=3)
+    gen = torch.Generator().manual_seed(12)
+    acc = acc_dtype(dtype)
+    # A side: u = dy @ B (rank space), activations x; B side: u = v, activations dy.
+    x = c.x if side == "a" else c.y
+    idx = c.idx_a if side == "a" else c.idx_b
+    P, s = (c.pool_a if side == "a" else c.pool_b).shape
+    u = torch.randn(x.shape[0], idx.shape[1], generator=gen, dtype=acc)
+    g0 = torch.randn(P, s, generator=gen, dtype=acc)  # poisoned gradient buffer
+    d = c.to(DEV)
+    g_dev = g0.to(DEV, copy=True)
+    ops.shard_grad(g_dev, u.to(DEV), d.x if side == "a" else d.y, idx.to(DEV), d.scale, d.seg_indptr, d.seg_tenant,
+                   deterministic=deterministic)
+    g_cpu = g0.clone()
+    ops.shard_grad(g_cpu, u, x, idx, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(g_dev, g_cpu, f"shard_grad {shape} {dtype} side={side} det={deterministic}")
+    # Rows no valid token touches keep their bits.
+    untouched = (g_cpu == g0).all(1)
+    if (~c.valid_rows()).all():
+        assert untouched.all()
+    assert torch.equal(g_dev.cpu()[untouched], g0[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shard_grad_deterministic_is_bitwise_reproducible(dtype):
+    # Long segments, a small pool (rows shared by tenants and repeated inside tables).
+    c = make_case(N=2000, h=512, l_a=8, o=64, l_b=1, r=16, T=3, S=4, dtype=dtype, pool_rows=24, seed=5)
+    d = c.to(DEV)
+    gen = torch.Generator().manual_seed(13)
+    u = torch.randn(c.x.shape[0], 16, generator=gen, dtype=acc_dtype(dtype)).to(DEV)
+    g0 = torch.randn(24, 64, generator=gen, dtype=acc_dtype(dtype)).to(DEV)
+    outs = []
+    for _ in range(3):
+        g = g0.clone()
+        ops.shard_grad(g, u, d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, deterministic=True)
+        outs.append(g)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    g_cpu = g0.cpu().clone()
+    ops.shard_grad(g_cpu, u.cpu(), c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(outs[0], g_cpu, "deterministic shard_grad vs CPU")
+
+
+def test_sgmv_large_rank_fallback():
+    """Ranks beyond the fused kernel's shared-memory limit go through shrink + expand."""
+    c = make_case(N=40, h=16, l_a=2, o=24, l_b=3, r=4096, T=2, S=3, dtype=torch.float64, pool_rows=64, seed=6)
+    d = c.to(DEV)
+    ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    ops.sgmv(c.y, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(d.y, c.y, "sgmv r=4096 fp64")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mos_ext.reference") is None, reason="mos_ext.reference not available")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgmv_against_reference(dtype):
+    from mos_ext import reference as R
+
+    c = case("h444_l4", dtype, seed=4)
+    d = c.to(DEV)
+    y0 = c.y.clone()
+    ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    ref = R.sgmv(y0, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(d.y, ref, f"sgmv vs reference {dtype}")
+    v = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+    assert_close(v, R.sgmv_shrink(c.x, c.pool_a, c.idx_a, c.seg_indptr, c.seg_tenant), f"shrink vs reference {dtype}")
+
+
+# ----------------------------------------------------------------------------
+# Validation and checks-off behaviour
+
+
+def test_invalid_indices_raise_with_checks_on():
+    c = case("small", torch.float32)
+    d = c.to(DEV)
+    P = c.pool_a.shape[0]
+    bad = d.idx_a.clone()
+    bad[1, 0, 2] = P
+    with mos_ext.index_checks(True):
+        with pytest.raises(IndexError, match="idx_a"):
+            ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, bad, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        with pytest.raises(IndexError, match="idx_a"):
+            ops.sgmv_shrink(d.x, d.pool_a, bad, d.seg_indptr, d.seg_tenant)
+        with pytest.raises(IndexError):
+            ops.gather_shards(d.pool_a, bad)
+        g = torch.zeros(c.pool_a.shape, device=DEV)
+        u = torch.zeros(c.x.shape[0], c.idx_a.shape[1], device=DEV)
+        with pytest.raises(IndexError):
+            ops.shard_grad(g, u, d.x, bad, d.scale, d.seg_indptr, d.seg_tenant)
+        bad_t = d.seg_tenant.clone()
+        bad_t[0] = c.idx_a.shape[0]
+        with pytest.raises(IndexError, match="seg_tenant"):
+            ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, bad_t)
+        bad_p = d.seg_indptr.clone()
+        bad_p[-1] = c.x.shape[0] + 1
+        v = torch.zeros(c.x.shape[0], c.idx_b.shape[1], device=DEV)
+        with pytest.raises(IndexError, match="seg_indptr"):
+            ops.sgmv_expand(d.y, v, d.pool_b, d.idx_b, d.scale, bad_p, d.seg_tenant)
+
+
+def test_mixed_devices_rejected():
+    c = case("small", torch.float32)
+    d = c.to(DEV)
+    with pytest.raises(ValueError, match="same device"):
+        ops.sgmv(d.y, d.x, d.pool_a, c.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checks_off_invalid_values_match_cpu(dtype):
+    """With checks off, out-of-range indices / tenants are skipped and segment
+    bounds clamped (non-decreasing, within [0, N]) exactly like on the CPU."""
+    c = case("h444_l4", dtype, seed=8)
+    gen = torch.Generator().manual_seed(14)
+    P_a, P_b = c.pool_a.shape[0], c.pool_b.shape[0]
+    T, N = c.idx_a.shape[0], c.x.shape[0]
+    for idx, P in ((c.idx_a, P_a), (c.idx_b, P_b)):
+        m = torch.rand(idx.shape, generator=gen) < 0.15
+        idx[m] = torch.randint(-5, P + 5, (int(m.sum()),), generator=gen, dtype=torch.int32)
+    S = c.seg_tenant.numel()
+    c.seg_indptr = torch.randint(-4, N + 9, (S + 1,), generator=gen, dtype=torch.int32)  # not monotone
+    c.seg_tenant = torch.randint(-3, T + 3, (S,), generator=gen, dtype=torch.int32)
+    with mos_ext.index_checks(False):
+        d = c.to(DEV)
+        ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        ops.sgmv(c.y, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+        assert_close(d.y, c.y, "sgmv, invalid values, checks off")
+        v_d = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+        v_c = ops.sgmv_shrink(c.x, c.pool_a, c.idx_a, c.seg_indptr, c.seg_tenant)
+        assert_close(v_d, v_c, "shrink, invalid values, checks off")
+        assert torch.equal(ops.gather_shards(d.pool_a, d.idx_a).cpu(), ops.gather_shards(c.pool_a, c.idx_a))
+        for det in (False, True):
+            g0 = torch.randn(c.pool_a.shape, generator=gen, dtype=torch.float32)
+            g_d, g_c = g0.to(DEV, copy=True), g0.clone()
+            ops.shard_grad(g_d, v_d, d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, deterministic=det)
+            ops.shard_grad(g_c, v_c, c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant)
+            assert_close(g_d, g_c, f"shard_grad det={det}, invalid values, checks off")
+    torch.cuda.synchronize()  # surfaces any illegal memory access
+
+
+# ----------------------------------------------------------------------------
+# CUDA graphs, torch.compile, devices
+
+
+def test_sgmv_cuda_graph_replay_matches_eager():
+    c = case("h444_l4", torch.bfloat16, pool_a_dtype=torch.float32, seed=9)
+    d = c.to(DEV)
+    y0 = d.y.clone()
+    with mos_ext.index_checks(False):
+        # eager
+        y_eager = y0.clone()
+        ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        # capture (after a warm-up on a side stream, as torch.cuda.graphs asks)
+        y_static = y0.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        y_static.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, y_eager)
+
+        # New inputs of the same shapes (activations, segments, tenants): the
+        # graph reads the current values (nothing was baked in at capture).
+        gen = torch.Generator().manual_seed(15)
+        N, T, S = c.x.shape[0], c.idx_a.shape[0], c.seg_tenant.numel()
+        ip, tn = make_segments(N, T, S, gen)
+        d.x.copy_(torch.randn(c.x.shape, generator=gen).to(d.x.dtype))
+        d.seg_indptr.copy_(ip)
+        d.seg_tenant.copy_(tn)
+        y_eager = y0.clone()
+        ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        y_static.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, y_eager)
+
+
+def test_training_ops_cuda_graph():
+    """shrink (allocates its output inside the graph's pool), expand and
+    deterministic shard_grad under capture, bitwise like eager."""
+    c = case("small", torch.float32, seed=10)
+    d = c.to(DEV)
+    g0 = torch.randn(c.pool_a.shape, generator=torch.Generator().manual_seed(16)).to(DEV)
+
+    def step(y, g):
+        v = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+        ops.sgmv_expand(y, v, d.pool_b, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        ops.shard_grad(g, v, d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, deterministic=True)
+        return v
+
+    with mos_ext.index_checks(False):
+        y_e, g_e = d.y.clone(), g0.clone()
+        v_e = step(y_e, g_e)
+        y_s, g_s = d.y.clone(), g0.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step(y_s.clone(), g_s.clone())
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            v_s = step(y_s, g_s)
+        y_s.copy_(d.y)
+        g_s.copy_(g0)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(v_s, v_e) and torch.equal(y_s, y_e) and torch.equal(g_s, g_e)
+
+
+def _compile_backends():
+    backends = ["aot_eager"]
+    if importlib.util.find_spec("triton") is not None:
+        backends.append("inductor")
+    return backends
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+@pytest.mark.parametrize("dtype,pool_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_sharded_lora_compile_fullgraph(backend, dtype, pool_dtype):
+    torch._dynamo.reset()
+    c = case("small", dtype, pool_a_dtype=pool_dtype, pool_b_dtype=pool_dtype, seed=17)
+    gen = torch.Generator().manual_seed(18)
+    dy = torch.randn(c.y.shape, generator=gen).to(dtype)
+
+    def run(fn, cc, dy_):
+        x = cc.x.detach().clone().requires_grad_()
+        pa = cc.pool_a.detach().clone().requires_grad_()
+        pb = cc.pool_b.detach().clone().requires_grad_()
+        out = fn(x, pa, pb, cc.idx_a, cc.idx_b, cc.scale, cc.seg_indptr, cc.seg_tenant)
+        out.backward(dy_)
+        return out.detach(), x.grad, pa.grad, pb.grad
+
+    compiled = torch.compile(ops.sharded_lora, fullgraph=True, backend=backend)
+    got = run(compiled, c.to(DEV), dy.to(DEV))
+    want = run(ops.sharded_lora, c, dy)  # eager on the CPU
+    for name, a, b in zip(("delta", "dx", "dpool_a", "dpool_b"), got, want):
+        assert a.device.type == DEV.type
+        assert_close(a, b, f"compiled sharded_lora ({backend}) {name}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launcher's device guard."""
+    c = case("small", torch.float16, seed=19)
+    d = c.to(torch.device("cuda", 1))
+    with torch.cuda.device(0):
+        ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        v = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+    ops.sgmv(c.y, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert v.device == d.x.device
+    assert_close(d.y, c.y, "sgmv on cuda:1")

@@ -1,0 +1,13 @@
+import re, sys
+s = open(sys.argv[1]).read()
+s = re.sub(r'#include <c10/cuda/[^>]*>\n', '', s)
+s = s.replace('#include <torch/library.h>', '#include <torch/extension.h>')
+s = re.sub(r'const c10::cuda::CUDAGuard guard\([^;]*\);', '', s)
+s = s.replace('c10::cuda::getCurrentCUDAStream().stream()', 'nullptr')
+s = s.replace('#include "../checks.h"', '#include "' + sys.argv[3] + '/csrc/checks.h"\n#define C10_CUDA_CHECK(e) do { cudaError_t e_ = (e); TORCH_CHECK(e_ == cudaSuccess, "CUDA error ", cudaGetErrorName(e_)); } while (0)')
+m = re.search(r'TORCH_LIBRARY_IMPL\(mos, CUDA, m\) \{(.*?)\n\}', s, re.S)
+body = m.group(1)
+s = s[:m.start()] + s[m.end():]
+defs = re.findall(r'm\.impl\("(\w+)", &(\w+)\);', body)
+s += '\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n' + ''.join('  m.def("%s", &mos::gpu::%s);\n' % d for d in defs) + '  m.def("set_index_checks", &mos::set_index_checks);\n}\n'
+open(sys.argv[2], 'w').write(s)
