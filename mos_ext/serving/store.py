@@ -1,0 +1,404 @@
+"""AdapterStore: many tenants' sharded adapters resident at their compressed size.
+
+For every adapted projection type of one base model the store keeps one stacked pool per
+side (``A [R, s_a]``, ``B [R, s_b]``, rows handed out from a free list like S-LoRA's unified
+pages, one page = one shard row) and, for every adapted layer, tables
+``idx_a [max_tenants, max_rank, l_a]``, ``idx_b [max_tenants, max_rank, l_b]`` of global row
+numbers, ``-1`` where a tenant has no rank row. A tenant is a slot; ``sgmv`` reads the slots
+named by a batch's segments straight from these tensors (MOS.md §3).
+
+Every adapter kind is converted into the store's shard length on load ("re-sharding"):
+MoS pools of shard length ``k * s`` are split into ``k`` rows each, plain LoRA (``l = 1``)
+rows likewise, and shorter shards (MiSS's identity, MiSS mini's ``D``) are joined into
+composite rows, deduplicated, so that LoRA, MoS and MiSS tenants of any rank mix in one batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..layers import base_dims
+
+
+class CapacityError(RuntimeError):
+    """The store has no room for an adapter (rows or tenant slots); nothing was changed."""
+
+
+@dataclass
+class _Side:
+    """One adapter side of one layer in the adapter's own layout."""
+
+    pool: torch.Tensor  # [P, s]
+    idx: torch.Tensor  # [r, l] int (rows of pool, -1 = zero shard)
+
+
+@dataclass
+class AdapterSpec:
+    """An adapter in the store-neutral form: per layer path, its A and B sides, plus scale."""
+
+    kind: str
+    rank: int
+    scale: float
+    layers: Dict[str, Tuple[_Side, _Side]]
+    # layers sharing pools point at the same tensor objects (dedup on load)
+
+
+def _reshard(pool: torch.Tensor, idx: torch.Tensor, s_store: int):
+    """Re-express (pool [P, s], idx [..., l]) with shard length s_store.
+
+    Returns (rows [P', s_store], idx' [..., l * s // s_store]) where idx' indexes rows.
+    """
+    P, s = pool.shape
+    lead = idx.shape[:-1]
+    l = idx.shape[-1]
+    if s == s_store:
+        return pool, idx
+    if s % s_store == 0:  # split every shard into k rows
+        k = s // s_store
+        rows = pool.reshape(P * k, s_store)
+        ids = idx.unsqueeze(-1) * k + torch.arange(k, dtype=idx.dtype)
+        ids = torch.where(idx.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1))
+        return rows, ids.reshape(*lead, l * k)
+    if s_store % s == 0:  # join m consecutive shards into one composite row (deduplicated)
+        m = s_store // s
+        if l % m:
+            raise ValueError(f"cannot re-shard {l} slots of length {s} into rows of length {s_store}")
+        tuples = idx.reshape(-1, m)
+        uniq, inverse = torch.unique(tuples, dim=0, return_inverse=True)
+        empty = (uniq < 0).all(dim=1)
+        parts = pool[uniq.clamp(min=0).long()]  # [U, m, s]
+        parts = torch.where((uniq >= 0).unsqueeze(-1), parts, torch.zeros_like(parts))
+        rows = parts.reshape(-1, s_store)
+        ids = inverse.to(idx.dtype)
+        ids = torch.where(empty[inverse], torch.full_like(ids, -1), ids)
+        return rows, ids.reshape(*lead, l // m)
+    raise ValueError(f"shard length {s} and the store's {s_store} do not divide one another")
+
+
+def _compact(rows: torch.Tensor, idx_list: List[torch.Tensor]):
+    """Keep only the rows some table uses; renumber the tables."""
+    used = torch.cat([t.reshape(-1) for t in idx_list]) if idx_list else torch.empty(0, dtype=torch.long)
+    used = torch.unique(used[used >= 0])
+    remap = torch.full((rows.shape[0],), -1, dtype=torch.long)
+    remap[used.long()] = torch.arange(used.numel())
+    out = []
+    for t in idx_list:
+        tl = t.long()
+        out.append(torch.where(tl >= 0, remap[tl.clamp(min=0)], tl))
+    return rows[used.long()], out
+
+
+class AdapterStore:
+    """Tenants' adapters for one base model on one device.
+
+    Args:
+        model: the base model (targeted linear layers are found by ``target_modules``).
+        target_modules: last names of the linear modules adapters may touch.
+        capacity_bytes: bytes of pool storage; split into the same number of rows for every
+            (type, side), which is how MoS and LoRA adapters use them.
+        max_tenants: tenant slots. max_rank: the largest rank a tenant may have.
+        slots: shards per row of the store (``s_a = h / slots``): the finest MoS split served
+            without composite rows; LoRA rows are split into ``slots`` rows.
+        dtype, device: of the pools (default: the model's).
+    """
+
+    def __init__(self, model: nn.Module, *, capacity_bytes: int, target_modules=None, max_tenants: int = 256,
+                 max_rank: int = 64, slots: int = 8, dtype=None, device=None):
+        from ..pools import DEFAULT_TARGETS
+
+        some = next(model.parameters())
+        self.device = torch.device(device) if device is not None else some.device
+        self.dtype = dtype or (some.dtype if some.is_floating_point() else torch.float32)
+        self.max_tenants, self.max_rank, self.slots = max_tenants, max_rank, slots
+        targets = set(target_modules or DEFAULT_TARGETS)
+        self.layers: "OrderedDict[str, str]" = OrderedDict()  # module path -> type key
+        self.type_dims: Dict[str, Tuple[int, int]] = {}
+        for name, mod in model.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if last not in targets:
+                continue
+            try:
+                h, o, _ = base_dims(mod)
+            except TypeError:
+                continue
+            key = f"{last}:{h}x{o}"
+            for d, what in ((h, "in"), (o, "out")):
+                if d % slots:
+                    raise ValueError(f"{name}: {what}-dim {d} is not divisible by slots={slots}")
+            self.layers[name] = key
+            self.type_dims[key] = (h, o)
+        if not self.layers:
+            raise ValueError(f"no module of the model matches target_modules {sorted(targets)}")
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_row = sum((h + o) // slots for h, o in self.type_dims.values()) * elem
+        self.rows = int(capacity_bytes // per_row)
+        if self.rows < 1:
+            raise ValueError(f"capacity_bytes={capacity_bytes} holds no row (one row of every type is {per_row} bytes)")
+        self.pool_a = {k: torch.zeros(self.rows, h // slots, dtype=self.dtype, device=self.device)
+                       for k, (h, o) in self.type_dims.items()}
+        self.pool_b = {k: torch.zeros(self.rows, o // slots, dtype=self.dtype, device=self.device)
+                       for k, (h, o) in self.type_dims.items()}
+        self.idx_a = {n: torch.full((max_tenants, max_rank, slots), -1, dtype=torch.int32, device=self.device)
+                      for n in self.layers}
+        self.idx_b = {n: torch.full((max_tenants, max_rank, slots), -1, dtype=torch.int32, device=self.device)
+                      for n in self.layers}
+        self.scale = torch.zeros(max_tenants, dtype=torch.float32, device=self.device)
+        self._free = {(k, side): list(range(self.rows - 1, -1, -1)) for k in self.type_dims for side in "AB"}
+        self._tenants: "OrderedDict[str, dict]" = OrderedDict()
+        self._free_slots = list(range(max_tenants - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ queries
+    def names(self) -> List[str]:
+        return list(self._tenants)
+
+    def __contains__(self, name) -> bool:
+        return name in self._tenants
+
+    def slot(self, name: str) -> int:
+        try:
+            return self._tenants[name]["slot"]
+        except KeyError:
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {self.names()[:8]}...)") from None
+
+    def info(self, name: str) -> dict:
+        t = self._tenants[name]
+        return {k: v for k, v in t.items() if k != "rows"}
+
+    def memory_bytes(self, name: Optional[str] = None) -> int:
+        """Pool bytes used by one tenant, or by all (tables and free rows not counted)."""
+        if name is not None:
+            return self._tenants[name]["bytes"]
+        return sum(t["bytes"] for t in self._tenants.values())
+
+    def capacity_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for d in (self.pool_a, self.pool_b) for p in d.values())
+
+    def free_rows(self) -> Dict[Tuple[str, str], int]:
+        return {k: len(v) for k, v in self._free.items()}
+
+    # ------------------------------------------------------------------ load / unload
+    def load(self, name: str, adapter) -> int:
+        """Load an adapter as tenant ``name``; returns its slot.
+
+        ``adapter``: a directory saved by ``MoSModel.save_adapter`` (MoS, LoRA or MiSS), a PEFT
+        LoRA directory (adapter_config.json + adapter_model.safetensors), or a ``MoSModel``.
+        Everything is validated and converted before the store changes; on any error
+        (ValueError, CapacityError) the store and every loaded tenant are as before.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("adapter name must be a non-empty string")
+        if name in self._tenants:
+            raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+        spec = self._read(adapter)
+        plan = self._plan(spec)
+        with self._lock:
+            need = {k: len(v[0]) for k, v in plan["rows"].items()}
+            short = {k: (n, len(self._free[k])) for k, n in need.items() if n > len(self._free[k])}
+            if short:
+                (k, (n, free)), = list(short.items())[:1]
+                raise CapacityError(f"store is full: adapter {name!r} needs {n} rows of {k[0]} {k[1]} but "
+                                    f"{free} are free (capacity {self.rows} rows per type); unload a tenant "
+                                    f"or build a larger store")
+            if not self._free_slots:
+                raise CapacityError(f"store is full: all {self.max_tenants} tenant slots are taken")
+            slot = self._free_slots.pop()
+            taken = {}
+            for key, (rows_t, _) in plan["rows"].items():
+                ids = [self._free[key].pop() for _ in range(rows_t.shape[0])]
+                taken[key] = ids
+                if ids:
+                    pool = self.pool_a[key[0]] if key[1] == "A" else self.pool_b[key[0]]
+                    pool[torch.tensor(ids, device=self.device)] = rows_t.to(device=self.device, dtype=self.dtype)
+            for path, (ia, ib) in plan["tables"].items():
+                key = self.layers[path]
+                for side, local, dest in (("A", ia, self.idx_a[path]), ("B", ib, self.idx_b[path])):
+                    gid = torch.tensor(taken[(key, side)] + [0], dtype=torch.long)  # +[0]: safe for empty
+                    glob = torch.where(local >= 0, gid[local.clamp(min=0)], torch.full_like(local, -1))
+                    dest[slot].fill_(-1)
+                    dest[slot, : glob.shape[0]] = glob.to(device=self.device, dtype=torch.int32)
+            self.scale[slot] = spec.scale
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            nbytes = sum(len(ids) * (self.pool_a[k[0]] if k[1] == "A" else self.pool_b[k[0]]).shape[1] * elem
+                         for k, ids in taken.items())
+            self._tenants[name] = dict(slot=slot, kind=spec.kind, rank=spec.rank, scale=spec.scale, rows=taken,
+                                       bytes=nbytes)
+            return slot
+
+    def unload(self, name: str) -> None:
+        """Remove a tenant; its rows and slot return to the free lists."""
+        with self._lock:
+            t = self._tenants.pop(name, None)
+            if t is None:
+                raise KeyError(f"adapter {name!r} is not loaded")
+            slot = t["slot"]
+            for path in self.layers:
+                self.idx_a[path][slot].fill_(-1)
+                self.idx_b[path][slot].fill_(-1)
+            self.scale[slot] = 0.0
+            for key, ids in t["rows"].items():
+                self._free[key].extend(reversed(ids))
+            self._free_slots.append(slot)
+
+    # ------------------------------------------------------------------ conversion
+    def _plan(self, spec: AdapterSpec):
+        """Convert an AdapterSpec to store rows and local tables (no store change)."""
+        if spec.rank > self.max_rank:
+            raise ValueError(f"adapter rank {spec.rank} exceeds the store's max_rank={self.max_rank}")
+        missing = [p for p in spec.layers if p not in self.layers]
+        if missing:
+            raise ValueError(f"adapter targets modules the store does not serve: {missing[:3]}")
+        by_key: Dict[Tuple[str, str], dict] = {}
+        tables: Dict[str, list] = {}
+        for path, (sa, sb) in spec.layers.items():
+            key = self.layers[path]
+            h, o = self.type_dims[key]
+            for side, sd, dim in (("A", sa, h), ("B", sb, o)):
+                if sd.idx.shape[0] != spec.rank:
+                    raise ValueError(f"{path}: table {side} has {sd.idx.shape[0]} rank rows, adapter rank is {spec.rank}")
+                if sd.idx.shape[1] * sd.pool.shape[1] != dim:
+                    raise ValueError(f"{path}: side {side} covers {sd.idx.shape[1]} x {sd.pool.shape[1]} features, "
+                                     f"the model's layer has {dim}")
+                if sd.idx.numel() and (int(sd.idx.min()) < -1 or int(sd.idx.max()) >= sd.pool.shape[0]):
+                    raise ValueError(f"{path}: table {side} has entries outside [-1, {sd.pool.shape[0]})")
+                if not sd.pool.is_floating_point() or not torch.isfinite(sd.pool).all():
+                    raise ValueError(f"{path}: pool {side} must hold finite floating-point values")
+                s_store = dim // self.slots
+                g = by_key.setdefault((key, side), dict(pools={}, entries=[]))
+                pid = id(sd.pool)
+                g["pools"].setdefault(pid, sd.pool)
+                g["entries"].append((path, pid, sd.idx.long()))
+        rows_out = {}
+        for (key, side), g in by_key.items():
+            h, o = self.type_dims[key]
+            s_store = (h if side == "A" else o) // self.slots
+            # one shared row space per (type, side): concatenate the adapter's distinct pools
+            offsets, parts, off = {}, [], 0
+            for pid, pool in g["pools"].items():
+                offsets[pid] = off
+                parts.append(pool.detach().to("cpu", torch.float32))
+                off += pool.shape[0]
+            big = torch.cat(parts) if parts else torch.empty(0, 1)
+            idx_all = [torch.where(t >= 0, t + offsets[pid], t) for _, pid, t in g["entries"]]
+            stacked = torch.stack(idx_all)  # [L, r, l]
+            rows, new_idx = _reshard(big, stacked, s_store)
+            rows, (new_idx,) = _compact(rows, [new_idx])
+            rows_out[(key, side)] = (rows, new_idx)
+            for k, (path, _, _) in enumerate(g["entries"]):
+                tables.setdefault(path, [None, None])[0 if side == "A" else 1] = new_idx[k]
+        return dict(rows=rows_out, tables={p: tuple(v) for p, v in tables.items()})
+
+    def _read(self, adapter) -> AdapterSpec:
+        from ..model import MoSModel
+
+        if isinstance(adapter, MoSModel):
+            return _spec_from_mos_model(adapter)
+        if isinstance(adapter, AdapterSpec):
+            return adapter
+        path = os.fspath(adapter)
+        cfg_path = os.path.join(path, "adapter_config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no adapter_config.json in {path}")
+        try:
+            meta = json.load(open(cfg_path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt adapter config {cfg_path}: {e}") from None
+        if isinstance(meta, dict) and meta.get("format") == "mos_ext":
+            return _spec_from_mos_dir(path, meta, self)
+        if isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "LORA":
+            return _spec_from_peft_lora(path, meta)
+        raise ValueError(f"{cfg_path}: neither a mos_ext adapter nor a PEFT LoRA adapter")
+
+
+def _spec_from_tables(kind, rank, scale, pools_a, pools_b, tables_by_type, names_by_type):
+    layers = {}
+    for t, names in names_by_type.items():
+        ia, ib = tables_by_type[t]
+        for k, n in enumerate(names):
+            layers[n] = (_Side(pools_a[t], ia[k]), _Side(pools_b[t], ib[k]))
+    return AdapterSpec(kind=kind, rank=rank, scale=scale, layers=layers)
+
+
+def _spec_from_mos_model(m) -> AdapterSpec:
+    cfg = m.config_mos
+    tables = {}
+    for t, names in m.layer_names.items():
+        mods = [m.base_model.get_submodule(n) for n in names]
+        tables[t] = (torch.stack([x.idx_a[0].cpu() for x in mods]), torch.stack([x.idx_b[0].cpu() for x in mods]))
+    pa = {t: p.A.detach() for t, p in m.pools.items()}
+    pb = {t: p.B.detach() for t, p in m.pools.items()}
+    return _spec_from_tables(cfg.method, cfg.r, cfg.scale, pa, pb, tables, m.layer_names)
+
+
+def _spec_from_mos_dir(path, meta, store) -> AdapterSpec:
+    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+
+    from ..pools import MoSConfig
+
+    try:
+        cfg = MoSConfig.from_dict(meta["config"])
+        types = meta["types"]
+        tensors = load_file(os.path.join(path, "adapter.safetensors"))
+    except (KeyError, TypeError, SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"corrupt adapter at {path}: {e}") from None
+    names_by_type, tables, pa, pb = {}, {}, {}, {}
+    try:
+        for t, info in types.items():
+            names = list(info["layers"])
+            names_by_type[t] = names
+            pa[t], pb[t] = tensors[f"pools.{t}.A"], tensors[f"pools.{t}.B"]
+            tables[t] = (torch.stack([tensors[f"index.{n}.A"] for n in names]),
+                         torch.stack([tensors[f"index.{n}.B"] for n in names]))
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"adapter at {path}: missing or inconsistent tensor {e}") from None
+    for t, (ia, ib) in tables.items():
+        if ia.dtype not in (torch.int16, torch.int32, torch.int64):
+            raise ValueError(f"adapter at {path}: index tables of {t!r} must be integers, got {ia.dtype}")
+    return _spec_from_tables(cfg.method, cfg.r, cfg.scale, pa, pb, tables, names_by_type)
+
+
+def _spec_from_peft_lora(path, meta) -> AdapterSpec:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"no adapter_model.safetensors in {path} (only safetensors PEFT adapters are read)")
+    for unsupported in ("use_dora",):
+        if meta.get(unsupported):
+            raise ValueError(f"PEFT adapter at {path}: {unsupported} is not supported")
+    if meta.get("rank_pattern") or meta.get("alpha_pattern"):
+        raise ValueError(f"PEFT adapter at {path}: rank_pattern/alpha_pattern are not supported")
+    r = int(meta["r"])
+    alpha = float(meta.get("lora_alpha", r))
+    scale = alpha / (r ** 0.5) if meta.get("use_rslora") else alpha / r
+    try:
+        tensors = load_file(f)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"corrupt PEFT adapter weights {f}: {e}") from None
+    layers = {}
+    prefix = "base_model.model."
+    for k, a in tensors.items():
+        if not k.endswith(".lora_A.weight"):
+            continue
+        mod = k[: -len(".lora_A.weight")]
+        bkey = mod + ".lora_B.weight"
+        if bkey not in tensors:
+            raise ValueError(f"PEFT adapter at {path}: {bkey} missing")
+        b = tensors[bkey]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"PEFT adapter at {path}: {mod} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} for r={r}")
+        name = mod[len(prefix):] if mod.startswith(prefix) else mod
+        rows = torch.arange(r, dtype=torch.long).reshape(r, 1)
+        layers[name] = (_Side(a, rows), _Side(b.T.contiguous(), rows))
+    if not layers:
+        raise ValueError(f"PEFT adapter at {path} holds no lora_A/lora_B weights")
+    return AdapterSpec(kind="lora", rank=r, scale=scale, layers=layers)
