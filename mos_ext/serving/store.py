@@ -15,6 +15,7 @@ composite rows, deduplicated, so that LoRA, MoS and MiSS tenants of any rank mix
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -79,7 +80,9 @@ def _reshard(pool: torch.Tensor, idx: torch.Tensor, s_store: int):
         ids = inverse.to(idx.dtype)
         ids = torch.where(empty[inverse], torch.full_like(ids, -1), ids)
         return rows, ids.reshape(*lead, l // m)
-    raise ValueError(f"shard length {s} and the store's {s_store} do not divide one another")
+    g = math.gcd(s, s_store)  # neither divides the other: split to the gcd, then join
+    rows, ids = _reshard(pool, idx, g)
+    return _reshard(rows, ids, s_store)
 
 
 def _compact(rows: torch.Tensor, idx_list: List[torch.Tensor]):

@@ -1,0 +1,226 @@
+"""Multi-tenant serving: AdapterStore (load/unload/capacity/validation) and MultiTenantModel
+(isolation: each sequence of a mixed batch equals its tenant served alone)."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from mos_ext import MoSConfig, get_mos_model  # noqa: E402
+from mos_ext.serving import AdapterStore, CapacityError, MultiTenantModel  # noqa: E402
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+CONFIGS = {
+    "mos_a": MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1, target_modules=ALL7, seed=1),
+    "mos_b": MoSConfig(r=3, equivalent_rank=2, shards_per_vector=8, private_rank=1, target_modules=ALL7, seed=2,
+                       tie_indices=True),
+    "mos_q": MoSConfig(r=2, equivalent_rank=1, shards_per_vector=2, private_rank=0, target_modules=["q_proj", "v_proj"],
+                       seed=3),
+    "lora": MoSConfig(r=6, method="lora", lora_alpha=12, target_modules=ALL7),
+    "miss": MoSConfig(r=4, method="miss", target_modules=ALL7),
+    "miss_mini": MoSConfig(r=4, method="miss_mini", mini_r=16, target_modules=ALL7),
+}
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """name -> (directory, MoSModel serving it alone)."""
+    out = {}
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        m = get_mos_model(tiny(), cfg)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in m.pools.values():
+                p.B.copy_(torch.randn(p.B.shape, generator=g) * 0.2)
+        d = tmp_path_factory.mktemp(name)
+        m.save_adapter(str(d))
+        out[name] = (str(d), m.eval())
+    return out
+
+
+def make_store(model, **kw):
+    args = dict(capacity_bytes=4_000_000, max_tenants=16, max_rank=16)
+    args.update(kw)
+    return AdapterStore(model, **args)
+
+
+IDS = torch.randint(0, 128, (6, 9), generator=torch.Generator().manual_seed(0))
+
+
+def alone(adapters, name, ids):
+    if name is None:
+        return tiny()(ids).logits
+    return adapters[name][1](ids).logits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_isolation_random_mixes(adapters, seed):
+    store = make_store(tiny())
+    for name, (d, _) in adapters.items():
+        store.load(name, d)
+    mt = MultiTenantModel(tiny(), store)
+    rng = random.Random(seed)
+    names = [rng.choice(list(adapters) + [None]) for _ in range(IDS.shape[0])]
+    out = mt(input_ids=IDS, adapter_names=names).logits
+    base = tiny()(IDS).logits
+    for b, n in enumerate(names):
+        ref = alone(adapters, n, IDS[b:b + 1])[0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {b} ({n})")
+        if n is not None:
+            assert (out[b] - base[b]).abs().max() > 1e-3, f"{n} had no effect"
+
+
+def test_greedy_generation_and_beams(adapters):
+    store = make_store(tiny())
+    for name, (d, _) in adapters.items():
+        store.load(name, d)
+    mt = MultiTenantModel(tiny(), store)
+    names = ["mos_a", None, "lora", "miss", "mos_b", "miss_mini"]
+    ids = IDS[:, :5]
+    gen = mt.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=6,
+                      do_sample=False, pad_token_id=0)
+    for b, n in enumerate(names):
+        solo_model = tiny() if n is None else adapters[n][1]
+        solo = solo_model.generate(input_ids=ids[b:b + 1], attention_mask=torch.ones_like(ids[b:b + 1]), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=0)
+        assert torch.equal(gen[b], solo[0]), n
+    beams = mt.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), adapter_names=["lora", "mos_a"],
+                        max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    for b, n in enumerate(["lora", "mos_a"]):
+        solo = adapters[n][1].generate(input_ids=ids[b:b + 1], attention_mask=torch.ones_like(ids[b:b + 1]),
+                                       max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(beams[b], solo[0]), n
+
+
+def test_peft_lora_directory_matches_peft(adapters, tmp_path):
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.save_pretrained(str(tmp_path))
+    store = make_store(tiny())
+    store.load("peft", str(tmp_path))
+    store.load("mos_a", adapters["mos_a"][0])
+    mt = MultiTenantModel(tiny(), store)
+    names = ["peft", "mos_a", "peft", None]
+    out = mt(input_ids=IDS[:4], adapter_names=names).logits
+    ref = pm.eval()(IDS[:4]).logits
+    for b in (0, 2):
+        torch.testing.assert_close(out[b], ref[b], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], alone(adapters, "mos_a", IDS[1:2])[0], rtol=1e-5, atol=1e-5)
+    # PEFT's own mixed-batch path agrees too
+    with torch.no_grad():
+        mixed = pm(IDS[:4], adapter_names=["default", "__base__", "default", "__base__"]).logits
+    torch.testing.assert_close(out[0], mixed[0], rtol=1e-5, atol=1e-5)
+
+
+def test_store_memory_is_compressed_size(adapters):
+    store = make_store(tiny())
+    for name, (d, m) in adapters.items():
+        store.load(name, d)
+        full = m.num_trainable_parameters() * 4
+        if name == "lora":
+            assert store.memory_bytes(name) == full
+        elif name.startswith("mos"):
+            # pool rows that no layer's table uses are not stored
+            assert 0.8 * full <= store.memory_bytes(name) <= full, name
+    assert store.memory_bytes() == sum(store.memory_bytes(n) for n in store.names())
+    assert store.memory_bytes("mos_a") * 3 == store.memory_bytes("lora")  # e=2 vs r=6, every row used
+
+
+def test_capacity_unload_and_reuse(adapters):
+    one = get_mos_model(tiny(), CONFIGS["mos_a"]).num_trainable_parameters() * 4
+    store = make_store(tiny(), capacity_bytes=int(one * 2.5))
+    mt = MultiTenantModel(tiny(), store)
+    store.load("t1", adapters["mos_a"][0])
+    store.load("t2", adapters["mos_b"][0])
+    before = mt(input_ids=IDS[:2], adapter_names=["t1", "t2"]).logits
+    free = store.free_rows()
+    with pytest.raises(CapacityError, match="store is full"):
+        store.load("t3", adapters["mos_a"][0])
+    assert store.names() == ["t1", "t2"] and store.free_rows() == free
+    assert torch.equal(mt(input_ids=IDS[:2], adapter_names=["t1", "t2"]).logits, before)
+    store.unload("t1")
+    with pytest.raises(KeyError, match="not loaded"):
+        mt(input_ids=IDS[:1], adapter_names=["t1"])
+    store.load("t3", adapters["mos_a"][0])  # reuses t1's rows
+    after = mt(input_ids=IDS[:2], adapter_names=["t3", "t2"]).logits
+    assert torch.equal(after, before)
+    # slots run out too
+    small = make_store(tiny(), max_tenants=1)
+    small.load("a", adapters["miss"][0])
+    with pytest.raises(CapacityError, match="slots"):
+        small.load("b", adapters["miss"][0])
+
+
+def test_bad_adapters_change_nothing(adapters, tmp_path):
+    store = make_store(tiny(), max_rank=5)
+    store.load("ok", adapters["mos_a"][0])
+    mt = MultiTenantModel(tiny(), store)
+    ref = mt(input_ids=IDS[:1], adapter_names=["ok"]).logits
+    snap = ({k: v.clone() for k, v in store.pool_a.items()}, store.free_rows(), store.names())
+
+    def broken(name, edit):
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        d = tmp_path / name
+        shutil.copytree(adapters["mos_a"][0], d)
+        t = load_file(str(d / "adapter.safetensors"))
+        edit(t, d)
+        save_file(t, str(d / "adapter.safetensors"))
+        return str(d)
+
+    cases = [
+        (broken("nan", lambda t, d: t["pools.q_proj.B"].fill_(float("nan"))), ValueError, "finite"),
+        (broken("range", lambda t, d: t["index.model.layers.1.mlp.up_proj.A"].fill_(10**5)), ValueError, "outside"),
+        (broken("missing", lambda t, d: t.pop("pools.k_proj.A")), ValueError, "missing"),
+        (adapters["lora"][0], ValueError, "max_rank"),  # r=6 > 5
+        (str(tmp_path / "nowhere"), FileNotFoundError, "adapter_config"),
+    ]
+    bad_json = tmp_path / "badjson"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text("{oops")
+    cases.append((str(bad_json), ValueError, "corrupt"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    cases.append((str(other), ValueError, "neither"))
+    wrong_model = get_mos_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96,
+                                                             num_hidden_layers=3, num_attention_heads=4,
+                                                             num_key_value_heads=2)), CONFIGS["mos_a"])
+    cases.append((wrong_model, ValueError, "features"))
+    for src, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            store.load("bad", src)
+        assert store.names() == snap[2] and store.free_rows() == snap[1]
+        assert all(torch.equal(store.pool_a[k], v) for k, v in snap[0].items())
+        assert torch.equal(mt(input_ids=IDS[:1], adapter_names=["ok"]).logits, ref)
+    with pytest.raises(ValueError, match="already loaded"):
+        store.load("ok", adapters["mos_a"][0])
+    with pytest.raises(ValueError, match="adapter_names has 2 entries"):
+        mt(input_ids=IDS[:1], adapter_names=["ok", None])
+
+
+def test_from_live_model_object(adapters):
+    store = make_store(tiny())
+    store.load("live", adapters["miss_mini"][1])
+    mt = MultiTenantModel(tiny(), store)
+    torch.testing.assert_close(mt(input_ids=IDS[:1], adapter_names=["live"]).logits,
+                               alone(adapters, "miss_mini", IDS[:1]), rtol=1e-5, atol=1e-5)
