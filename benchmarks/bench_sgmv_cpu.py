@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -25,6 +24,9 @@ from mos_ext import ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from problems import make_table  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median_time  # noqa: E402
 
 
 def peft_loop(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
@@ -38,17 +40,6 @@ def peft_loop(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
         Bt = pool_b.index_select(0, idx_b[t].reshape(-1)).reshape(r, -1).to(x.dtype)
         y[s:e] += (x[s:e] @ A.T) @ Bt * scale[t].item()
     return y
-
-
-def timeit(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def case(name, T, tokens_per_tenant, h, o, r, l, dtype, reps):
@@ -74,10 +65,10 @@ def case(name, T, tokens_per_tenant, h, o, r, l, dtype, reps):
     err = ((y1.double() - y2.double()).abs().max() / (y2.double() - y.double()).abs().max()).item()
 
     yb = y.clone()
-    t_mos = timeit(lambda: ops.sgmv(yb, *args), reps)
-    t_peft = timeit(lambda: peft_loop(yb, *args), reps)
+    t_mos = median_time(lambda: ops.sgmv(yb, *args), reps, warmup=2) / 1e3
+    t_peft = median_time(lambda: peft_loop(yb, *args), reps, warmup=2) / 1e3
     with mos_ext.index_checks(False):
-        t_mos_nocheck = timeit(lambda: ops.sgmv(yb, *args), reps)
+        t_mos_nocheck = median_time(lambda: ops.sgmv(yb, *args), reps, warmup=2) / 1e3
     flops = 2 * N * r * (h + o)
     return dict(case=name, T=T, N=N, h=h, o=o, r=r, l=l, dtype=str(dtype).replace("torch.", ""),
                 mos_ms=t_mos * 1e3, mos_nocheck_ms=t_mos_nocheck * 1e3, peft_ms=t_peft * 1e3,

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import time
 
 import torch
 
 from mos_ext import ops
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median_time  # noqa: E402
 
 
 def main():
@@ -55,15 +58,7 @@ def main():
             return g
 
         torch.testing.assert_close(fused(), autograd_path(), rtol=1e-4, atol=1e-3)
-        t = {}
-        for name, fn in (("fused", fused), ("autograd", autograd_path)):
-            fn()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            t[name] = statistics.median(ts) * 1e3
+        t = {name: median_time(fn, reps) for name, fn in (("fused", fused), ("autograd", autograd_path))}
         rows.append(dict(dtype=str(dtype).replace("torch.", ""), L=L, r=r, e=e, l=l, h=h, N=N,
                          fused_ms=t["fused"], autograd_ms=t["autograd"], speedup=t["autograd"] / t["fused"]))
         print(f"{rows[-1]['dtype']:9s} 32 layers x {N} tok  fused {t['fused']:8.1f} ms   autograd-scatter "

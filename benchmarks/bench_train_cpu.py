@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 import time
 
 import torch
@@ -20,6 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mos_ext import MoSConfig, get_mos_model
 from mos_ext.layers import MoSLinear
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median_time  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,22 +55,16 @@ def step_time(model, ids, reps, autocast):
         for p in params:
             p.grad = None
 
-    step()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return median_time(step, reps)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--inter", type=int, default=2752)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--inter", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     a = ap.parse_args()
     reps = 3 if a.quick else 5
