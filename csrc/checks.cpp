@@ -158,6 +158,18 @@ void check_scale(const at::Tensor& scale, int64_t T, const at::Tensor& ref, cons
   same_device(scale, "scale", ref, ref_name);
 }
 
+// A rank-space tensor t [N, r] (v, u) in the accumulation dtype of activations `act`.
+void check_rank_space(const at::Tensor& t, const char* name, at::ScalarType act, const char* act_name,
+                      int64_t N, int64_t r) {
+  const at::ScalarType acc = acc_dtype(act);
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, name, " must be ", dt(acc), " (the accumulation dtype for ", act_name,
+                   " of ", dt(act), "), got ", dt(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == r, name, " must be [N, r] = [", N, ", ", r,
+                    "], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name,
+                    " must have unit stride in its last dimension, got strides ", t.strides());
+}
+
 }  // namespace
 
 bool index_checks_enabled() { return checks_flag().load(std::memory_order_relaxed); }
@@ -207,13 +219,7 @@ SideDims check_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor
   same_device(idx_b, "idx_b", y, "y");
   same_device(v, "v", y, "y");
   SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)");
-  const at::ScalarType acc = acc_dtype(y.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == acc, "v must be ", dt(acc), " (the accumulation dtype for y of ",
-                   dt(y.scalar_type()), "), got ", dt(v.scalar_type()));
-  TORCH_CHECK_VALUE(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == b.r,
-                    "v must be [N, r] = [", y.size(0), ", ", b.r, "], got shape ", v.sizes());
-  TORCH_CHECK_VALUE(v.size(1) <= 1 || v.stride(1) == 1,
-                    "v must have unit stride in its last dimension, got strides ", v.strides());
+  check_rank_space(v, "v", y.scalar_type(), "y", y.size(0), b.r);
   check_scale(scale, b.T, y, "y");
   check_segments(seg_indptr, seg_tenant, y.size(0), b.T, y, "y");
   return b;
@@ -262,12 +268,7 @@ SideDims check_shard_grad(const at::Tensor& grad_pool, const at::Tensor& u, cons
   same_device(u, "u", x, "x");
   same_device(idx, "idx", x, "x");
   SideDims d = check_table(idx, "idx", grad_pool, "grad_pool", x.size(1), "x.size(1)");
-  TORCH_CHECK_TYPE(u.scalar_type() == acc, "u must be ", dt(acc), " (the accumulation dtype for x of ",
-                   dt(x.scalar_type()), "), got ", dt(u.scalar_type()));
-  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == d.r,
-                    "u must be [N, r] = [", x.size(0), ", ", d.r, "], got shape ", u.sizes());
-  TORCH_CHECK_VALUE(u.size(1) <= 1 || u.stride(1) == 1,
-                    "u must have unit stride in its last dimension, got strides ", u.strides());
+  check_rank_space(u, "u", x.scalar_type(), "x", x.size(0), d.r);
   check_scale(scale, d.T, x, "x");
   check_segments(seg_indptr, seg_tenant, x.size(0), d.T, x, "x");
   return d;
