@@ -80,12 +80,8 @@ class MoSModel(nn.Module):
         self.config_mos = cfg
         targets = _find_targets(model, cfg)
         dims = {}
-        for t, names in targets.items():
+        for t, names in targets.items():  # all layers of a type share one shape (_find_targets)
             h, o, _ = base_dims(model.get_submodule(names[0]))
-            for n in names[1:]:
-                hh, oo, _ = base_dims(model.get_submodule(n))
-                if (hh, oo) != (h, o):
-                    raise ValueError(f"layers of type {t!r} differ in shape: {names[0]} is {h}->{o}, {n} is {hh}->{oo}")
             cfg.check_type(t, h, o, len(names))
             dims[t] = (h, o)
         for p in model.parameters():
@@ -111,7 +107,7 @@ class MoSModel(nn.Module):
             ia, ib = tables[t]
             for k, n in enumerate(names):
                 base = model.get_submodule(n)
-                dev = next(base.parameters()).device if next(base.parameters(), None) is not None else device
+                dev = next(base.parameters(), some).device if some is not None else None
                 layer = MoSLinear(base, pools[t], ia[k].to(dev), ib[k].to(dev), cfg.scale, cfg.lora_dropout)
                 _set_module(model, n, layer)
         self.base_model = model
