@@ -41,10 +41,13 @@ def base(hidden, layers, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     import peft
 
     from mos_ext import MoSConfig, get_mos_model

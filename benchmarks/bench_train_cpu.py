@@ -61,12 +61,15 @@ def step_time(model, ids, reps, autocast):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--inter", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     reps = 3 if a.quick else 5
     import peft
 
