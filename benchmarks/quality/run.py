@@ -52,7 +52,14 @@ import sysconfig
 import time
 import zlib
 
-import torch
+# libgomp's default spin-wait (300,000 spins per barrier) makes every step ~25x slower when another
+# process shares the cores; OMP_WAIT_POLICY=PASSIVE avoids that but costs ~1.5x on an idle machine.
+# A short spin keeps the idle-machine speed and bounds the loss under contention (set either
+# variable yourself to override).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -60,14 +67,14 @@ ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 # Sizes. quick: CPU, ~20 minutes on 2 cores. full: GPU.
 MODES = {
-    "quick": dict(layers=4, hidden=128, inter=352, heads=4, seq=128, batch=16, pretrain_steps=700,
+    "quick": dict(layers=6, hidden=128, inter=352, heads=4, seq=128, batch=16, pretrain_steps=1000,
                   pretrain_lr=3e-3, finetune_steps=150, eval_windows=96, seeds=2),
     "full": dict(layers=8, hidden=512, inter=1408, heads=8, seq=256, batch=32, pretrain_steps=6000,
                  pretrain_lr=1.5e-3, finetune_steps=1000, eval_windows=512, seeds=3),
 }
 # One learning rate per method family (AdamW). Picked once with --lr-sweep on the quick setting
 # (validation split, seed 0); see README.md.
-LRS = {"lora": 1e-2, "mos": 1e-2, "miss": 1e-2}
+LRS = {"lora": 1e-2, "mos": 1e-2, "miss": 3e-3}
 SWEEP_LRS = (3e-3, 1e-2, 3e-2)
 
 
@@ -272,10 +279,9 @@ def grid(m, es=(1, 2, 4), lora_ranks=(1, 2, 4, 8, 16, 32), ablate_e=2):
         e = ablate_e
         p = 0 if e == 1 else max(1, e // 2)
         r = mos_rank(e, p, 4, L)
-        runs.append(dict(family="mos", label="MoS l=1", name=f"e={e} r={mos_rank(e, p, 1, L)} l=1 p={p}",
-                         method="mos", r=mos_rank(e, p, 1, L), e=e, l=1, p=p))
-        r0 = mos_rank(e, 0, 4, L)
-        runs.append(dict(family="mos", label="MoS p=0", name=f"e={e} r={r0} l=4 p=0", method="mos", r=r0, e=e, l=4, p=0))
+        # every ablation changes one thing of the main MoS config at this budget (same r)
+        runs.append(dict(family="mos", label="MoS l=1", name=f"e={e} r={r} l=1 p={p}", method="mos", r=r, e=e, l=1, p=p))
+        runs.append(dict(family="mos", label="MoS p=0", name=f"e={e} r={r} l=4 p=0", method="mos", r=r, e=e, l=4, p=0))
         runs.append(dict(family="mos", label="MoS tied", name=f"e={e} r={r} l=4 p={p} tied", method="mos", r=r, e=e,
                          l=4, p=p, tie=True))
     divisors = [d for d in range(1, 65) if H % d == 0 and I % d == 0]
@@ -317,23 +323,23 @@ def finetune(run, seed, lr, base_sd, m, streams, device, eval_split="test"):
 
 def lora_params_for(loss, curve):
     """Parameters LoRA needs to reach ``loss``: interpolate loss linearly in log(params) along LoRA's
-    points (sorted by params). Returns (params, how) with how in {"interp", "above", "below"}:
-    "above" = worse than LoRA's smallest point (needs fewer than it: an upper bound),
-    "below" = better than every LoRA point (needs more than the largest: a lower bound)."""
-    pts = sorted(curve)
+    points sorted by params, made monotone by a running minimum (the smallest LoRA budget that
+    reaches the loss). Returns (params, how), how in {"interp", "above", "below"}: "above" = worse
+    than LoRA's smallest point (the factor is an upper bound), "below" = better than every LoRA
+    point (a lower bound)."""
+    pts, best = [], float("inf")
+    for p, l in sorted(curve):
+        best = min(best, l)
+        pts.append((p, best))
     if loss >= pts[0][1]:
         return pts[0][0], "above"
+    if loss < pts[-1][1]:
+        return pts[-1][0], "below"
     for (p0, l0), (p1, l1) in zip(pts, pts[1:]):
-        if l1 <= loss <= l0 and l0 != l1:
+        if l1 <= loss < l0:
             t = (l0 - loss) / (l0 - l1)
             return math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0))), "interp"
-    if loss < min(l for _, l in pts):
-        return pts[-1][0], "below"
-    # LoRA's curve is not monotone and loss falls in a gap: take the first point that reaches it
-    for p, l in pts:
-        if l <= loss:
-            return p, "interp"
-    return pts[-1][0], "below"
+    return pts[-1][0], "below"  # unreachable
 
 
 def summarize(results, runs):
@@ -381,7 +387,7 @@ def table(rows, base_loss):
     return "\n".join(out)
 
 
-def plot(rows, base_loss, path, title):
+def plot(rows, path, title):
     try:
         import matplotlib
 
@@ -391,19 +397,21 @@ def plot(rows, base_loss, path, title):
         print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
         return False
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = {"LoRA": ("o-", "C0"), "MoS": ("s-", "C3"), "MiSS": ("^-", "C2"),
-              "MoS l=1": ("v", "C1"), "MoS p=0": ("D", "C4"), "MoS tied": ("X", "C5")}
-    for label, (fmt, color) in styles.items():
+    # label: (format, colour, x offset factor; the ablations share MoS e=2's budget, so they are drawn
+    # slightly apart to stay readable)
+    styles = {"LoRA": ("o-", "C0", 1.0), "MoS": ("s-", "C3", 1.0), "MiSS": ("^-", "C2", 1.0),
+              "MoS l=1": ("v", "C1", 0.93), "MoS p=0": ("D", "C4", 1.07), "MoS tied": ("X", "C5", 1.14)}
+    for label, (fmt, color, dx) in styles.items():
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["params"])
         if not rs:
             continue
-        ax.errorbar([r["params"] for r in rs], [r["loss_mean"] for r in rs], yerr=[r["loss_std"] for r in rs],
-                    fmt=fmt, color=color, label=label, capsize=3, markersize=6 if len(rs) > 1 else 8)
-    ax.axhline(base_loss, color="gray", ls="--", lw=1, label="base, no adapter")
+        name = label if dx == 1.0 else f"{label} (e={rs[0]['name'].split()[0][2:]}, drawn offset)"
+        ax.errorbar([r["params"] * dx for r in rs], [r["loss_mean"] for r in rs], yerr=[r["loss_std"] for r in rs],
+                    fmt=fmt, color=color, label=name, capsize=3, markersize=6 if len(rs) > 1 else 7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("held-out loss (nats / byte)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("held-out loss (nats / byte), mean ± std over seeds")
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -447,9 +455,17 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--lr-sweep", action="store_true",
                     help="instead of the grid: sweep the lr of one config per family on the validation split")
+    ap.add_argument("--replot", metavar="JSON", help="only rebuild the table, PNG and results file from a saved "
+                    "out/quality_<mode>.json")
+    ap.add_argument("--ablate-e", type=int, default=2, help="budget e of the MoS ablations (0: none)")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
     a = ap.parse_args()
+    if a.replot:
+        with open(a.replot) as f:
+            data = json.load(f)
+        write_report(data, os.path.dirname(os.path.abspath(a.replot)))
+        return
     mode = "full" if a.full else "quick"
     m = dict(MODES[mode])
     if a.pretrain_steps is not None:
@@ -504,7 +520,7 @@ def main():
                            wall_s=round(time.perf_counter() - t_start, 1)), f, indent=1)
         return
 
-    runs = grid(m)
+    runs = grid(m, ablate_e=a.ablate_e)
     for i, run in enumerate(runs):
         run["id"] = i
     total = len(runs) * len(seeds)
@@ -520,37 +536,51 @@ def main():
             print(f"[{k:2d}/{total}] {run['label']:8s} {run['name']:24s} seed {seed}: {res['params']:>9,} params  "
                   f"held-out loss {res['loss']:.4f}  ({res['seconds']:.0f}s, elapsed {el / 60:.1f} min)", flush=True)
 
-    rows = summarize(results, runs)
     wall = time.perf_counter() - t_start
-    tab = table(rows, base_losses["test"])
-    print("\n" + tab + "\n", flush=True)
-    png = os.path.join(HERE, f"quality_{mode}.png")
-    title = (f"{m['layers']}x{m['hidden']} byte-level Llama pretrained on stdlib code, fine-tuned on "
-             f"'{a.domain}' ({m['finetune_steps']} steps, {len(seeds)} seeds)")
-    have_png = plot(rows, base_losses["test"], png, title)
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), command=command, machine=machine(), device=str(device),
+                load_average_at_end=[round(x, 2) for x in os.getloadavg()],
                 python=platform.python_version(), torch=torch.__version__, mode=mode, model=m, seeds=seeds,
+                domain=a.domain, eval_windows=int(streams["test"].shape[0]),
                 lrs=LRS, lora_alpha="2*r (scale 2) for LoRA and MoS; MiSS scale 1", dropout=0.0,
                 optimizer="AdamW(betas=(0.9, 0.98), wd=0), 5% warmup + cosine to 0.1x, clip 1.0",
                 corpus=desc, base_checkpoint=os.path.relpath(base_path, REPO), pretrain_seconds=round(pretrain_s, 1),
                 base_loss=dict(pretrain_domain=pre_loss, **base_losses), wall_s=round(wall, 1))
-    with open(os.path.join(a.out, f"quality_{mode}.json"), "w") as f:
+    write_report(dict(meta=meta, runs=runs, results=results), a.out)
+
+
+def write_report(data, out_dir):
+    """Summary, table, PNG, ``results_<mode>.md`` and ``out/quality_<mode>.json`` from one run's raw data."""
+    meta, runs, results = data["meta"], data["runs"], data["results"]
+    mode, m, seeds = meta["mode"], meta["model"], meta["seeds"]
+    rows = summarize(results, runs)
+    base_test = meta["base_loss"]["test"]
+    tab = table(rows, base_test)
+    print("\n" + tab + "\n", flush=True)
+    png = os.path.join(HERE, f"quality_{mode}.png")
+    title = (f"{m['layers']}x{m['hidden']} byte-level Llama pretrained on stdlib code, fine-tuned on "
+             f"'{meta['domain']}'\n({m['finetune_steps']} steps, {len(seeds)} seeds; base model without adapter: "
+             f"{base_test:.3f})")
+    have_png = plot(rows, png, title)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"quality_{mode}.json"), "w") as f:
         json.dump(dict(meta=meta, runs=runs, results=results, summary=rows), f, indent=1)
+    desc, wall, pre_s = meta["corpus"], meta["wall_s"], meta["pretrain_seconds"]
     md = [f"# Quality experiment ({mode}): held-out loss vs trainable parameters", "",
-          f"Generated by `benchmarks/quality/run.py`; see `README.md` for the method and the reading.", "",
+          "Generated by `benchmarks/quality/run.py`; see `README.md` for the method and the reading.", "",
           f"- date: {meta['date']}",
-          f"- machine: {meta['machine']} (device `{device}`)",
-          f"- command: `{command}`",
-          f"- wall time: {wall / 60:.1f} min (pretraining {pretrain_s / 60:.1f} min"
-          f"{'' if pretrain_s else ', base loaded from cache'})",
-          f"- Python {desc['python']} stdlib, torch {torch.__version__}; corpus sha256 prefixes {desc['sha256']}",
+          f"- machine: {meta['machine']} (device `{meta['device']}`); load average at the end "
+          f"{meta.get('load_average_at_end')}",
+          f"- command: `{meta['command']}`",
+          f"- wall time: {wall / 60:.1f} min (pretraining {pre_s / 60:.1f} min"
+          f"{'' if pre_s else ', base loaded from cache'})",
+          f"- Python {desc['python']} stdlib, torch {meta['torch']}; corpus sha256 prefixes {desc['sha256']}",
           f"- model: Llama {m['layers']} layers, hidden {m['hidden']}, intermediate {m['inter']}, {m['heads']} heads, "
           f"byte vocabulary; pretrained {m['pretrain_steps']} steps x {m['batch']} x {m['seq']} bytes",
-          f"- fine-tuning: domain `{a.domain}`, {m['finetune_steps']} steps x {m['batch']} x {m['seq']} bytes, "
-          f"seeds {seeds}, lr {LRS}, lora_alpha = 2r, all 7 projections; held-out = {streams['test'].shape[0]} "
+          f"- fine-tuning: domain `{meta['domain']}`, {m['finetune_steps']} steps x {m['batch']} x {m['seq']} bytes, "
+          f"seeds {seeds}, lr {meta['lrs']}, lora_alpha = 2r, all 7 projections; held-out = {meta['eval_windows']} "
           f"windows of {m['seq']} bytes from test-split files",
-          f"- base model loss: pretraining domain {pre_loss:.4f}, fine-tune domain (held-out) "
-          f"{base_losses['test']:.4f} nats/byte", "",
+          f"- base model loss: pretraining domain {meta['base_loss']['pretrain_domain']:.4f}, fine-tune domain "
+          f"(held-out) {base_test:.4f} nats/byte", "",
           tab, "",
           "Savings factor = (LoRA parameters needed to reach the method's mean held-out loss, interpolated on "
           "LoRA's loss-vs-log(params) curve) / (the method's parameters). `< x`: the method is worse than LoRA "
@@ -559,7 +589,7 @@ def main():
         md += [f"![loss vs trainable parameters](quality_{mode}.png)", ""]
     with open(os.path.join(HERE, f"results_{mode}.md"), "w") as f:
         f.write("\n".join(md))
-    print(f"wrote {os.path.join(a.out, f'quality_{mode}.json')}, results_{mode}.md"
+    print(f"wrote {os.path.join(out_dir, f'quality_{mode}.json')}, results_{mode}.md"
           f"{', quality_' + mode + '.png' if have_png else ''}; wall {wall / 60:.1f} min", flush=True)
 
 
