@@ -16,24 +16,17 @@ def _grads(fn, p, dy, pa_dtype=None):
     return out.detach(), x.grad, pa.grad, pb.grad
 
 
-def test_gradcheck_fp64():
-    p = make_problem(T=3, N=11, h=12, o=10, r=3, l_a=3, l_b=2, S=4, popularity="none", dtype=torch.float64,
-                     mixed_ranks=True, seed=1)
-    x = p.x.clone().requires_grad_()
-    pa = p.pool_a.clone().requires_grad_()
-    pb = p.pool_b.clone().requires_grad_()
+@pytest.mark.parametrize("kw", [
+    # -1 tenants, mixed ranks
+    dict(T=3, N=11, h=12, o=10, r=3, l_a=3, l_b=2, S=4, popularity="none", mixed_ranks=True, seed=1),
+    # shards shared across tenants and repeated inside a table accumulate their gradients
+    dict(T=4, N=14, h=8, o=6, r=4, l_a=2, l_b=3, S=6, pool_rows=5, seed=2),
+], ids=["mixed_ranks", "shared_rows"])
+def test_gradcheck_fp64(kw):
+    p = make_problem(dtype=torch.float64, **kw)
+    leaves = tuple(t.clone().requires_grad_() for t in (p.x, p.pool_a, p.pool_b))
     rest = (p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.sharded_lora(a, b, c, *rest), (x, pa, pb))
-
-
-def test_gradcheck_fp64_shared_rows():
-    """Shards shared across tenants and repeated inside a table accumulate their gradients."""
-    p = make_problem(T=4, N=14, h=8, o=6, r=4, l_a=2, l_b=3, S=6, dtype=torch.float64, pool_rows=5, seed=2)
-    x = p.x.clone().requires_grad_()
-    pa = p.pool_a.clone().requires_grad_()
-    pb = p.pool_b.clone().requires_grad_()
-    rest = (p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.sharded_lora(a, b, c, *rest), (x, pa, pb))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.sharded_lora(a, b, c, *rest), leaves)
 
 
 def test_gradcheck_both_outputs():
