@@ -84,7 +84,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors>=0.4"],
     extras_require={
         "train": ["transformers>=4.45", "peft>=0.13"],
-        "test": ["pytest>=7", "hypothesis>=6", "numpy", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "numpy", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},

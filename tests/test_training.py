@@ -1,7 +1,8 @@
 """End-to-end training: a short run whose loss drops, gradient checkpointing, and DDP (gloo,
 2 CPU processes) giving the pool gradients of one process on the whole batch."""
+import datetime
 import os
-import socket
+import time
 
 import pytest
 import torch
@@ -70,34 +71,50 @@ def test_gradient_checkpointing_same_grads():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DDP_DEADLINE_S = 300  # the run takes ~10 s on an idle 2-core machine
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank, world, out_dir):
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "a", buffering=1)
+
+    def stage(msg):
+        log.write(f"{time.monotonic():.1f} {msg}\n")
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stage("init_process_group")
+    # a file rendezvous (no port to race for) and gloo on loopback, bounded in time
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
+        stage("build")
         model = build()
         with torch.no_grad():
             for p in model.pools.values():
                 p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        stage("wrap")
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         ids = batch(7)[rank * 4:(rank + 1) * 4]
+        stage("forward/backward")
         ddp(input_ids=ids, labels=ids).loss.backward()
+        stage("save")
         torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        stage("done")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gloo_matches_single_process(tmp_path):
-    port = _free_port()
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+def test_ddp_gloo_matches_single_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + DDP_DEADLINE_S
+    while not ctx.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("rank*.log"))}
+            pytest.fail(f"DDP workers did not finish in {DDP_DEADLINE_S} s; their progress: {logs}")
     g0 = torch.load(tmp_path / "rank0.pt")
     g1 = torch.load(tmp_path / "rank1.pt")
     model = build()
