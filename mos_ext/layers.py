@@ -147,5 +147,12 @@ def _bnb_add_(layer: nn.Module, dw: torch.Tensor):
                                               "quant_storage") if hasattr(w, k)}
         kwargs["requires_grad"] = False
         layer.weight = bnb.nn.Params4bit(new.to("cpu"), **kwargs).to(w.device)
-    else:
-        raise NotImplementedError("merge into Linear8bitLt is not supported yet")
+    elif w.dtype != torch.int8:  # Linear8bitLt with has_fp16_weights=True keeps a float weight
+        w.data.copy_((w.float() + dw.to(w.device)).to(w.dtype))
+    else:  # Linear8bitLt: int8 rows with one absmax scale each (after a forward, bnb keeps them in layer.state)
+        scb = layer.state.SCB if layer.state.SCB is not None else w.SCB
+        dense = bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
+        new = dense + dw.to(dense.device)
+        layer.weight = bnb.nn.Int8Params(new.to("cpu"), requires_grad=False, has_fp16_weights=False).to(w.device)
+        layer.state.CB = None  # the next forward takes the new CB/SCB from the weight
+        layer.state.SCB = None

@@ -1,6 +1,6 @@
-"""MoSLinear over bitsandbytes 4-bit (NF4) bases: QLoRA, the paper's own setup.
+"""MoSLinear over bitsandbytes bases: 4-bit NF4 (QLoRA, the paper's own setup) and LLM.int8.
 
-bitsandbytes quantizes and runs 4-bit layers on the CPU; the tests skip where it cannot be
+bitsandbytes quantizes and runs both kinds on the CPU; the tests skip where it cannot be
 imported."""
 import pytest
 import torch
@@ -66,3 +66,74 @@ def test_merge_unmerge_requantizes(qlayer):
     layer.unmerge()
     # two requantizations (merge, unmerge): at most two NF4 steps away
     assert (dequant(layer.base) - w0).abs().max() <= 2 * step
+
+
+def int8_linear(lin):
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                            threshold=0.0)
+    q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    if lin.bias is not None:
+        q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")  # quantizes
+
+
+def dequant8(layer):
+    scb = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, scb).float()
+
+
+@pytest.fixture
+def int8_layer():
+    torch.manual_seed(0)
+    cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1)
+    pools = ShardPools(cfg, 64, 32, 3, gen=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pools.B.normal_(0, 0.05)
+    ia, ib = sample_tables(cfg, 64, 32, 3, torch.Generator().manual_seed(1))
+    q = int8_linear(torch.nn.Linear(64, 32))
+    assert q.weight.dtype == torch.int8
+    return MoSLinear(q, pools, ia[0], ib[0], cfg.scale), pools
+
+
+def int8_step(w):
+    """A bound on the rounding of absmax int8 rows: half a step of the row scale, plus the fp16 cast
+    bitsandbytes quantizes through (taken generously as another half step)."""
+    return w.abs().amax(dim=1, keepdim=True) / 127
+
+
+def test_forward_backward_on_int8_base(int8_layer):
+    layer, pools = int8_layer
+    x = torch.randn(6, 64)
+    out = layer(x)
+    base = layer.base(x)
+    torch.testing.assert_close(out - base, x @ layer.delta_weight().T, rtol=1e-4,
+                               atol=1e-5)
+    # LLM.int8 quantizes the activations too: compare to the dequantized weight within int8 error
+    assert (base - (x @ dequant8(layer.base).T + layer.base.bias)).abs().max() < 0.05
+    out.pow(2).sum().backward()
+    assert pools.A.grad is not None and pools.A.grad.abs().sum() > 0
+    assert pools.B.grad is not None and pools.B.grad.abs().sum() > 0
+    assert all(p.grad is None for p in layer.base.parameters())
+
+
+@pytest.mark.parametrize("forward_first", [False, True], ids=["fresh", "after_forward"])
+def test_merge_unmerge_int8_requantizes(int8_layer, forward_first):
+    layer, _ = int8_layer
+    if forward_first:  # bnb moves CB/SCB from the weight into layer.state on the first forward
+        layer(torch.randn(2, 64))
+    w0 = dequant8(layer.base)
+    dw = layer.delta_weight()
+    # the merge must move the weight by far more than the rounding, or the checks below could not fail
+    assert (dw.abs().amax(dim=1, keepdim=True) > 10 * int8_step(w0)).all()
+    layer.merge()
+    assert isinstance(layer.base.weight, bnb.nn.Int8Params) and layer.base.weight.dtype == torch.int8
+    merged = dequant8(layer.base)
+    assert ((merged - (w0 + dw)).abs() <= int8_step(w0 + dw)).all()
+    x = torch.randn(6, 64)
+    y = layer(x)  # merged: the adapter path is off, the base carries W + dW
+    ref = x @ (w0 + dw).T + layer.base.bias
+    assert (y - ref).abs().max() < 0.05
+    layer.unmerge()
+    back = dequant8(layer.base)
+    assert ((back - w0).abs() <= int8_step(w0 + dw) + int8_step(w0)).all()
+    torch.testing.assert_close(layer(x), x @ (back + dw).T + layer.base.bias, rtol=0, atol=0.05)
