@@ -1,5 +1,6 @@
 """End-to-end training: a short run whose loss drops, gradient checkpointing, and DDP (gloo,
-2 CPU processes) giving the pool gradients of one process on the whole batch."""
+2 CPU processes) and FSDP2 giving the pool gradients and optimizer step of one process on the
+whole batch."""
 import datetime
 import os
 import time
@@ -71,10 +72,17 @@ def test_gradient_checkpointing_same_grads():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
 
 
-DDP_DEADLINE_S = 300  # the run takes ~10 s on an idle 2-core machine
+DIST_DEADLINE_S = 300  # each run takes ~10 s on an idle 2-core machine
 
 
-def _ddp_worker(rank, world, out_dir):
+def _init_b(model):
+    with torch.no_grad():
+        for p in model.pools.values():
+            p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def _dist_worker(rank, world, out_dir, mode):
     log = open(os.path.join(out_dir, f"rank{rank}.log"), "a", buffering=1)
 
     def stage(msg):
@@ -87,46 +95,68 @@ def _ddp_worker(rank, world, out_dir):
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         stage("build")
-        model = build()
-        with torch.no_grad():
-            for p in model.pools.values():
-                p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-        stage("wrap")
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model = _init_b(build())
+        stage(f"wrap ({mode})")
+        if mode == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:  # FSDP2: each decoder layer its own unit, the root owns the shared pools
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.base_model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
         ids = batch(7)[rank * 4:(rank + 1) * 4]
         stage("forward/backward")
-        ddp(input_ids=ids, labels=ids).loss.backward()
-        stage("save")
-        torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        full = (lambda t: t.full_tensor()) if mode == "fsdp" else (lambda t: t.detach().clone())
+        grads = {n: full(p.grad) for n, p in model.named_parameters() if p.requires_grad}
+        stage("clip + step")
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        opt.step()
+        after = {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"grad": grads, "after": after}, os.path.join(out_dir, f"rank{rank}.pt"))
         stage("done")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gloo_matches_single_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_data_parallel_gloo_matches_single_process(tmp_path, monkeypatch, mode):
+    """DDP and FSDP2 on 2 CPU processes (gloo): the pool gradients, the clipped AdamW step and the
+    pools after it equal one process on the whole batch."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + DDP_DEADLINE_S
+    ctx = mp.start_processes(_dist_worker, args=(2, str(tmp_path), mode), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + DIST_DEADLINE_S
     while not ctx.join(timeout=5):  # raises if a worker failed
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
             logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("rank*.log"))}
-            pytest.fail(f"DDP workers did not finish in {DDP_DEADLINE_S} s; their progress: {logs}")
-    g0 = torch.load(tmp_path / "rank0.pt")
-    g1 = torch.load(tmp_path / "rank1.pt")
-    model = build()
-    with torch.no_grad():
-        for p in model.pools.values():
-            p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+            pytest.fail(f"{mode} workers did not finish in {DIST_DEADLINE_S} s; their progress: {logs}")
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    model = _init_b(build())
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-2)
     ids = batch(7)
-    # DDP averages the two half-batch losses (each a token mean): the same as the halves' mean
+    # both average the two half-batch losses (each a token mean): the same as the halves' mean
     loss = 0.5 * (model(input_ids=ids[:4], labels=ids[:4]).loss + model(input_ids=ids[4:], labels=ids[4:]).loss)
     loss.backward()
-    assert set(g0) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(r0["grad"]) == set(before)
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(g0[n], g1[n], rtol=0, atol=0)
-            torch.testing.assert_close(g0[n], p.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(r0["grad"][n], r1["grad"][n], rtol=0, atol=0)
+            torch.testing.assert_close(r0["grad"][n], p.grad, rtol=1e-5, atol=1e-7)
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n])  # the step moved every pool
+            torch.testing.assert_close(r0["after"][n], p.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r1["after"][n], p.detach(), rtol=1e-5, atol=1e-6)
