@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "cpu/dense.h"
 #include "cpu/kernels.h"
 
 namespace {
@@ -33,6 +34,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(mos::cpu::kernels().isa); });
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
   m.def("available_cpu_isas", &available_cpu_isas);
+  m.def("cpu_dense_min_tokens", &mos::cpu::dense_min_tokens);
+  m.def("set_cpu_dense_min_tokens", &mos::cpu::set_dense_min_tokens, py::arg("n"),
+        "Segments of at least n tokens (fp32/fp64) take the BLAS path on CPU; 0 turns it off. "
+        "Returns the previous value.");
   m.def("cuda_built", [] {
 #ifdef MOS_WITH_CUDA
     return true;

@@ -50,6 +50,8 @@ __all__ = [
     "cpu_isa",
     "set_cpu_isa",
     "available_cpu_isas",
+    "cpu_dense_min_tokens",
+    "set_cpu_dense_min_tokens",
     "cuda_built",
 ]
 
@@ -97,6 +99,25 @@ def set_cpu_isa(name: str) -> None:
 def available_cpu_isas() -> list:
     """Instruction sets this CPU and build can run, best last."""
     return list(_C.available_cpu_isas())
+
+
+def cpu_dense_min_tokens() -> int:
+    """Segment length from which the CPU ops take the BLAS path (0: never)."""
+    return _C.cpu_dense_min_tokens()
+
+
+def set_cpu_dense_min_tokens(n: int) -> int:
+    """Per-shape dispatch of the CPU ops: a segment of at least ``n`` tokens with fp32/fp64
+    activations gathers its tenant's ``A``/``B`` and runs ATen GEMMs (and ``shard_grad``
+    accumulates the GEMM's [r, l*s] result into the pool rows); shorter segments, bf16/fp16,
+    and ``shard_grad(deterministic=True)`` use the fused kernels. ``0`` turns the BLAS path
+    off. ``MOS_EXT_CPU_DENSE_MIN_TOKENS`` sets it at import (default 32). The two paths agree
+    to rounding; only the fused kernels are bitwise independent of the thread count.
+    Returns the previous value."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0 turns the BLAS path off), got {n}")
+    return _C.set_cpu_dense_min_tokens(n)
 
 
 def cuda_built() -> bool:

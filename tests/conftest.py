@@ -29,3 +29,19 @@ def isa_restore():
     prev = mos_ext.cpu_isa()
     yield
     mos_ext.set_cpu_isa(prev)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_dense_restored():
+    """Every test leaves the CPU per-shape dispatch threshold as it found it."""
+    prev = mos_ext.cpu_dense_min_tokens()
+    yield
+    mos_ext.set_cpu_dense_min_tokens(prev)
+
+
+@pytest.fixture(params=[0, 1], ids=["fused", "blas"])
+def cpu_path(request):
+    """Run on the fused CPU kernels only (threshold 0), then with every fp32/fp64 segment on
+    the BLAS path (threshold 1). Tests without it run at the default threshold, which mixes both."""
+    mos_ext.set_cpu_dense_min_tokens(request.param)
+    return request.param

@@ -64,7 +64,7 @@ def test_fp32_master_pools(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_mixed_pool_dtypes(dtype):
+def test_mixed_pool_dtypes(dtype, cpu_path):
     """pool_a in fp32 and pool_b in the activation dtype (and the converse)."""
     p = make_problem(T=6, N=50, h=96, o=80, r=8, l_a=4, l_b=2, S=8, dtype=dtype, seed=3)
     for a32 in (True, False):
@@ -74,7 +74,7 @@ def test_mixed_pool_dtypes(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_rows(dtype):
+def test_strided_rows(dtype, cpu_path):
     """x and y may be row-strided views (e.g. column slices of a fused qkv output);
     the columns around the view stay untouched."""
     p = make_problem(T=5, N=40, h=64, o=48, r=8, l_a=4, l_b=2, S=7, dtype=dtype, seed=11)
@@ -98,7 +98,7 @@ def test_strided_rows(dtype):
     assert torch.equal(ybuf[:, :5], before[:, :5])
 
 
-def test_segments_edge_cases():
+def test_segments_edge_cases(cpu_path):
     """No segments, all tenants -1, tokens past the last segment, zero-length segments."""
     p = make_problem(T=3, N=20, S=4, seed=5)
     cases = [
@@ -114,7 +114,7 @@ def test_segments_edge_cases():
         check_ops(q, torch.float32, f"segments {ip} {tn}")
 
 
-def test_empty_batch_and_zero_rank():
+def test_empty_batch_and_zero_rank(cpu_path):
     for N, r in ((0, 4), (5, 0)):
         p = make_problem(T=2, N=max(N, 1), r=max(r, 1), S=1, seed=1)
         x, y = p.x[:N], p.y[:N]
@@ -137,8 +137,31 @@ def test_many_tenants_decode():
     check_ops(p, torch.float32, "decode")
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_paths(shape, popularity, dtype, cpu_path):
+    """The grid again, all fused and all BLAS (per-shape dispatch of fp32/fp64 segments)."""
+    T, N, h, o, r, l_a, l_b, S, mixed, rows = SHAPES[shape]
+    seed = hash((shape, popularity, str(dtype), "paths")) % 10_000
+    p = make_problem(T=T, N=N, h=h, o=o, r=r, l_a=l_a, l_b=l_b, S=S, popularity=popularity,
+                     dtype=dtype, mixed_ranks=mixed, pool_rows=rows, seed=seed)
+    check_ops(p, dtype, f"{shape}/{popularity}/dense_min={cpu_path}")
+
+
 def test_threads_do_not_change_results():
+    """The fused kernels are bitwise independent of the thread count; the BLAS path agrees
+    with them to rounding at any thread count."""
     p = make_problem(T=8, N=300, h=256, o=192, r=16, l_a=4, l_b=4, S=9, seed=4)
+    mos_ext.set_cpu_dense_min_tokens(0)
+    fused = _sgmv_per_thread_count(p)
+    assert torch.equal(fused[0], fused[1])
+    mos_ext.set_cpu_dense_min_tokens(1)
+    for y in _sgmv_per_thread_count(p):
+        torch.testing.assert_close(y, fused[0], rtol=1e-5, atol=1e-5)
+
+
+def _sgmv_per_thread_count(p):
     outs = []
     prev = torch.get_num_threads()
     try:
@@ -149,7 +172,7 @@ def test_threads_do_not_change_results():
             outs.append(y)
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[1])
+    return outs
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

@@ -50,6 +50,15 @@ def test_grid(shape, popularity, dtype):
     run_case(*SHAPES[shape], popularity, dtype, seed)
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_paths(shape, popularity, dtype, cpu_path):
+    """The grid again, all fused and all BLAS (per-shape dispatch of fp32/fp64 segments)."""
+    seed = hash((shape, popularity, str(dtype), "paths")) % 10_000
+    run_case(*SHAPES[shape], popularity, dtype, seed)
+
+
 def _run(grad0, u, p, deterministic=False):
     g = grad0.clone()
     ops.shard_grad(g, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant, deterministic)
@@ -57,18 +66,27 @@ def _run(grad0, u, p, deterministic=False):
 
 
 def test_deterministic_across_runs_and_threads():
+    """deterministic=True (the fused kernel) is bitwise the same for any thread count; so is
+    deterministic=False with the BLAS path off. With it on (long segments), a run repeats
+    bitwise at one thread count and agrees to rounding across thread counts."""
     p, u, grad0 = run_case(16, 700, 1024, 16, 4, 20, True, 90, "zipf", torch.float32, 9)
     prev = torch.get_num_threads()
     try:
-        outs = []
+        outs, blas = [], {}
         for n in (2, 1, 2):
             torch.set_num_threads(n)
+            mos_ext.set_cpu_dense_min_tokens(1)
             outs.append(_run(grad0, u, p, deterministic=True))
+            blas.setdefault(n, []).append(_run(grad0, u, p, deterministic=False))
+            mos_ext.set_cpu_dense_min_tokens(0)
             outs.append(_run(grad0, u, p, deterministic=False))
     finally:
         torch.set_num_threads(prev)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+    assert torch.equal(blas[2][0], blas[2][1])
+    for runs in blas.values():
+        torch.testing.assert_close(runs[0], outs[0], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
@@ -81,7 +99,7 @@ def test_every_cpu_isa(isa, dtype, isa_restore):
         run_case(*SHAPES[shape], "uniform", dtype, 17)
 
 
-def test_pool_gradients_of_a_two_sided_layer():
+def test_pool_gradients_of_a_two_sided_layer(cpu_path):
     """The two calls of a training backward give autograd's pool gradients."""
     p = make_problem(T=3, N=40, h=64, o=48, r=8, l_a=4, l_b=2, S=5, dtype=torch.float64, seed=8)
     pa = p.pool_a.clone().requires_grad_()

@@ -22,7 +22,7 @@ def _grads(fn, p, dy, pa_dtype=None):
     # shards shared across tenants and repeated inside a table accumulate their gradients
     dict(T=4, N=14, h=8, o=6, r=4, l_a=2, l_b=3, S=6, pool_rows=5, seed=2),
 ], ids=["mixed_ranks", "shared_rows"])
-def test_gradcheck_fp64(kw):
+def test_gradcheck_fp64(kw, cpu_path):
     p = make_problem(dtype=torch.float64, **kw)
     leaves = tuple(t.clone().requires_grad_() for t in (p.x, p.pool_a, p.pool_b))
     rest = (p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
@@ -59,7 +59,7 @@ def test_gradcheck_shrink_and_gather():
     ids=str,
 )
 @pytest.mark.parametrize("popularity", ["identical", "zipf", "none"])
-def test_grads_match_naive_autograd(dtype, pool_dtype, popularity):
+def test_grads_match_naive_autograd(dtype, pool_dtype, popularity, cpu_path):
     """Gradients of the fused backward against autograd through gather + matmul (float64)."""
     p = make_problem(T=5, N=70, h=96, o=80, r=8, l_a=4, l_b=2, S=8, popularity=popularity, dtype=dtype,
                      pool_dtype=pool_dtype, mixed_ranks=True, seed=5)

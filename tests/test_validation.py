@@ -128,7 +128,7 @@ def test_sharded_lora_tables_disagree(p):
                          p.seg_tenant)
 
 
-def test_checks_off_never_reads_out_of_bounds(p):
+def test_checks_off_never_reads_out_of_bounds(p, cpu_path):
     """With value checks off, out-of-range entries are skipped like -1 and bounds clamped."""
     bad_a = p.idx_a.clone()
     bad_a[0, 1, 2] = 2**30

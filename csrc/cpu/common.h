@@ -24,9 +24,11 @@ inline DType to_dtype(at::ScalarType t) {
 
 // Token blocks of every segment with a valid tenant, in segment order. Bounds
 // are clamped to [0, N] and never overlap, so the kernels stay in bounds even
-// with value checks turned off.
+// with value checks turned off. With `whole` given, segments of at least
+// `whole_min` (> 0) tokens go there as one item each instead of as blocks.
 inline std::vector<Item> build_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant,
-                                     int64_t N, int64_t T) {
+                                     int64_t N, int64_t T, std::vector<Item>* whole = nullptr,
+                                     int64_t whole_min = 0) {
   const int32_t* p = seg_indptr.data_ptr<int32_t>();
   const int32_t* t = seg_tenant.data_ptr<int32_t>();
   const int64_t S = seg_tenant.numel();
@@ -37,6 +39,10 @@ inline std::vector<Item> build_items(const at::Tensor& seg_indptr, const at::Ten
     const int64_t n1 = std::min<int64_t>(std::max<int64_t>(p[g + 1], n0), N);
     prev_end = std::max(prev_end, n1);
     if (t[g] < 0 || t[g] >= T) continue;
+    if (whole != nullptr && whole_min > 0 && n1 - n0 >= whole_min) {
+      whole->push_back(Item{static_cast<int32_t>(n0), static_cast<int32_t>(n1), t[g]});
+      continue;
+    }
     for (int64_t b = n0; b < n1; b += kTokBlock)
       items.push_back(Item{static_cast<int32_t>(b), static_cast<int32_t>(std::min(b + kTokBlock, n1)), t[g]});
   }

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "dense.h"
 
 namespace mos {
 namespace cpu {
@@ -47,7 +48,9 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& pool_a, const 
   const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
   at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
   if (a.r == 0 || x.size(0) == 0) return v;
-  shrink_into(v, x, pool_a, idx_a, a, build_items(seg_indptr, seg_tenant, x.size(0), a.T));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), a.T, dense_dtype(x.scalar_type()));
+  dense_shrink(v, x, pool_a, idx_a, a, plan.dense);
+  shrink_into(v, x, pool_a, idx_a, a, plan.blocks);
   return v;
 }
 
@@ -56,7 +59,9 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor&
                      const at::Tensor& seg_tenant) {
   const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
   if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
-  expand_from(y, v, pool_b, idx_b, scale, b, build_items(seg_indptr, seg_tenant, y.size(0), b.T));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, y.size(0), b.T, dense_dtype(y.scalar_type()));
+  dense_expand(y, v, pool_b, idx_b, scale, b, plan.dense);
+  expand_from(y, v, pool_b, idx_b, scale, b, plan.blocks);
 }
 
 void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a,
@@ -64,7 +69,10 @@ void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a
               const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
   const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
   if (dims.first.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
-  const std::vector<Item> items = build_items(seg_indptr, seg_tenant, x.size(0), dims.first.T);
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), dims.first.T, dense_dtype(x.scalar_type()));
+  dense_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, dims.first, dims.second, plan.dense);
+  const std::vector<Item>& items = plan.blocks;
+  if (items.empty()) return;
   if (pool_a.scalar_type() != pool_b.scalar_type()) {
     // Mixed storage (one pool fp32, the other in the activation dtype): the
     // fused kernel is instantiated for one pool dtype, so go through v [N, r].

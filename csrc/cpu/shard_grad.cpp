@@ -1,11 +1,13 @@
 // CPU implementation of shard_grad, the fused pool-gradient accumulation
-// (MOS.md §3). Threads own disjoint column ranges of every pool row, so the
-// result is deterministic (bitwise independent of the thread count) whatever
-// `deterministic` says.
+// (MOS.md §3). The register-tiled kernel lets threads own disjoint column
+// ranges of every pool row, so its result is bitwise independent of the thread
+// count. With deterministic=false, long fp32/fp64 segments take the BLAS path
+// (dense.h): reproducible for a given thread count, faster for many tokens.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "dense.h"
 
 namespace mos {
 namespace cpu {
@@ -13,10 +15,13 @@ namespace {
 
 void shard_grad_cpu(const at::Tensor& grad_pool, const at::Tensor& u, const at::Tensor& x,
                     const at::Tensor& idx, const at::Tensor& scale, const at::Tensor& seg_indptr,
-                    const at::Tensor& seg_tenant, bool /*deterministic: always on CPU*/) {
+                    const at::Tensor& seg_tenant, bool deterministic) {
   const SideDims d = check_shard_grad(grad_pool, u, x, idx, scale, seg_indptr, seg_tenant);
   if (d.r == 0 || d.s == 0 || x.size(0) == 0) return;
-  const std::vector<Item> items = build_items(seg_indptr, seg_tenant, x.size(0), d.T);
+  const Plan plan =
+      plan_items(seg_indptr, seg_tenant, x.size(0), d.T, !deterministic && dense_dtype(x.scalar_type()));
+  dense_shard_grad(grad_pool, u, x, idx, scale, d, plan.dense);
+  const std::vector<Item>& items = plan.blocks;
   if (items.empty()) return;
   ShardGradArgs g;
   g.grad = grad_pool.data_ptr();
