@@ -5,7 +5,9 @@ Model: a Llama built from a config (no downloads) with LLaMA-like proportions, a
 projections adapted; batch of --batch x --seq tokens, fp32 (and bf16 autocast).
 
     python benchmarks/bench_train_cpu.py [--quick]
-Prints a table and writes benchmarks/out/train_cpu.json.
+Prints a table and writes benchmarks/out/train_cpu.json. Memory: the bytes autograd saves for
+backward (activations, each storage once) per method; trainable state is 4 bytes x params x 4
+(weights, grads, two AdamW moments).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import mos_ext
 from mos_ext import MoSConfig, get_mos_model
 from mos_ext.layers import MoSLinear
 
@@ -43,6 +46,25 @@ def naive_delta(self, x):
     A = pools.A[self.idx_a[0].long()].reshape(self.r, self.in_features).to(xs.dtype)
     Bt = pools.B[self.idx_b[0].long()].reshape(self.r, self.out_features).to(xs.dtype)
     return (self.scale.to(xs.dtype) * (xs @ A.T) @ Bt).reshape(*lead, self.out_features)
+
+
+def saved_bytes(model, ids, autocast):
+    """Bytes autograd keeps for backward in one forward (each storage counted once): on CPU,
+    where no allocator reports a peak, the activation memory a method adds over the frozen base."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta" and t.untyped_storage().nbytes() > 0:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+    # parameters are not activations: drop storages that belong to the model's own tensors
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    del loss
+    return sum(n for ptr, n in seen.items() if ptr not in own)
 
 
 def step_time(model, ids, reps, autocast):
@@ -81,14 +103,17 @@ def main():
             res = {}
             lora = peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL7))
             res["peft_lora"] = (step_time(lora, ids, reps, autocast), sum(p.numel() for p in lora.parameters() if p.requires_grad))
+            mem = {"peft_lora": saved_bytes(lora, ids, autocast)}
             del lora
             cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r, target_modules=ALL7)
             mos = get_mos_model(base(a), cfg)
             res["mos"] = (step_time(mos, ids, reps, autocast), mos.num_trainable_parameters())
+            mem["mos"] = saved_bytes(mos, ids, autocast)
             orig = MoSLinear.delta
             MoSLinear.delta = naive_delta
             try:
                 res["mos_naive"] = (step_time(mos, ids, reps, autocast), mos.num_trainable_parameters())
+                mem["mos_naive"] = saved_bytes(mos, ids, autocast)
             finally:
                 MoSLinear.delta = orig
             del mos
@@ -97,19 +122,25 @@ def main():
                 p.requires_grad_(False)
             plain.get_input_embeddings().weight.requires_grad_(True)  # so backward runs through the stack
             res["frozen_base"] = (step_time(plain, ids, reps, autocast), 0)
+            mem["frozen_base"] = saved_bytes(plain, ids, autocast)
             row = dict(autocast_bf16=autocast, r=r, e=e, tokens=a.batch * a.seq,
-                       **{f"{k}_ms": v[0] for k, v in res.items()}, **{f"{k}_params": v[1] for k, v in res.items()})
+                       **{f"{k}_ms": v[0] for k, v in res.items()}, **{f"{k}_params": v[1] for k, v in res.items()},
+                       **{f"{k}_saved_MB": v / 2**20 for k, v in mem.items()})
             row["mos_over_lora"] = res["mos"][0] / res["peft_lora"][0]
             row["naive_over_mos"] = res["mos_naive"][0] / res["mos"][0]
             rows.append(row)
             print(f"{'bf16-autocast' if autocast else 'fp32':13s} r={r:2d} e={e}: peft-lora {res['peft_lora'][0]:8.1f} ms "
                   f"({res['peft_lora'][1]:,} p)  mos {res['mos'][0]:8.1f} ms ({res['mos'][1]:,} p)  "
                   f"naive-mos {res['mos_naive'][0]:8.1f} ms  frozen base {res['frozen_base'][0]:8.1f} ms  "
-                  f"mos/lora {row['mos_over_lora']:.2f}x", flush=True)
+                  f"mos/lora {row['mos_over_lora']:.2f}x | saved for backward MB: lora {mem['peft_lora'] / 2**20:.1f} "
+                  f"mos {mem['mos'] / 2**20:.1f} naive {mem['mos_naive'] / 2**20:.1f} base {mem['frozen_base'] / 2**20:.1f}",
+                  flush=True)
     out = os.path.join(os.path.dirname(__file__), "out", "train_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), torch=torch.__version__,
-                model=dict(hidden=a.hidden, inter=a.inter, layers=a.layers), command="python benchmarks/bench_train_cpu.py")
+                model=dict(hidden=a.hidden, inter=a.inter, layers=a.layers, batch=a.batch, seq=a.seq),
+                cpu_dense_min_tokens=mos_ext.cpu_dense_min_tokens(),
+                command="python " + " ".join(sys.argv))
     with open(out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 

@@ -1,8 +1,8 @@
 // The one TORCH_LIBRARY(mos, m) block of the package: every schema of the op
 // contract (shared/design/MOS.md §3), nothing else. Kernels register themselves
 // with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/register_cuda.cpp;
-// fake (meta) impls, the composite `sharded_lora` and autograd live in
-// mos_ext/ops.py.
+// `sharded_lora` (composite + autograd) is csrc/sharded_lora.cpp; fake (meta)
+// impls and the other autograd formulas live in mos_ext/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mos, m) {
@@ -31,7 +31,7 @@ TORCH_LIBRARY(mos, m) {
 
   // Functional, differentiable: (delta, v) with v = sgmv_shrink(x, ...) and
   // delta = sgmv_expand(zeros, v, ...). Implemented (CompositeExplicitAutograd)
-  // and differentiated in mos_ext/ops.py on top of the ops above.
+  // and differentiated in csrc/sharded_lora.cpp on top of the ops above.
   m.def(
       "sharded_lora(Tensor x, Tensor pool_a, Tensor pool_b, Tensor idx_a, Tensor idx_b, "
       "Tensor scale, Tensor seg_indptr, Tensor seg_tenant) -> (Tensor, Tensor)");

@@ -14,8 +14,9 @@ or fp32; index tables and segment tensors int32; ``scale`` fp32 ``[T]``. The
 rank-space tensors (``v``, ``u``) and pool gradients use the accumulation dtype:
 fp64 for fp64 activations, else fp32.
 
-This module registers the fake (meta) kernels, the composite ``sharded_lora``
-and the autograd formulas; the kernels themselves are C++/CUDA.
+This module registers the fake (meta) kernels and the autograd formulas of
+``sgmv_shrink`` and ``gather_shards``; the kernels, and ``sharded_lora``'s
+composite and autograd (``csrc/sharded_lora.cpp``), are C++/CUDA.
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def _sharded_lora_fake(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_t
 
 
 # ----------------------------------------------------------------------------
-# sharded_lora: composite of the two halves, for every device.
+# sharded_lora: its composite and autograd are C++ (csrc/sharded_lora.cpp).
 
 
 def _check_tables_agree(idx_a, idx_b):
@@ -146,15 +147,6 @@ def _check_tables_agree(idx_a, idx_b):
         )
 
 
-@torch.library.impl("mos::sharded_lora", "CompositeExplicitAutograd")
-def _sharded_lora_impl(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
-    _check_tables_agree(idx_a, idx_b)
-    v = torch.ops.mos.sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant)
-    y = x.new_zeros((x.shape[0], idx_b.shape[2] * pool_b.shape[1]))
-    torch.ops.mos.sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant)
-    return y, v
-
-
 # ----------------------------------------------------------------------------
 # Autograd
 
@@ -163,63 +155,22 @@ def _unit_stride(t):
     return t if t.dim() < 2 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant, into=None):
+def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant):
     """d(pool) from rank-space grads u [N, r] and activations x, via shard_grad."""
-    g = into if into is not None else torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
+    g = torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
     torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, False)
     return g
 
 
-def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant, into=None):
+def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant):
     """d(x) = expand of rank-space grads u through (pool, idx)."""
-    g = into if into is not None else torch.zeros(x_like.shape, dtype=x_like.dtype, device=x_like.device)
+    g = torch.zeros(x_like.shape, dtype=x_like.dtype, device=x_like.device)
     torch.ops.mos.sgmv_expand(g, u, pool, idx, scale, seg_indptr, seg_tenant)
     return g
 
 
 def _ones_scale(idx):
     return torch.ones(idx.shape[0], dtype=torch.float32, device=idx.device)
-
-
-def _sharded_lora_setup(ctx, inputs, output):
-    x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant = inputs
-    _, v = output
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, v)
-
-
-def _sharded_lora_backward(ctx, dy, dv):
-    x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, v = ctx.saved_tensors
-    need_x, need_pa, need_pb = ctx.needs_input_grad[:3]
-    dx = dpa = dpb = None
-    seg = (seg_indptr, seg_tenant)
-    if dy is not None:
-        dy = _unit_stride(dy)
-        if need_x or need_pa:
-            w = torch.ops.mos.sgmv_shrink(dy, pool_b, idx_b, *seg)  # dy @ B_t
-            if need_x:
-                dx = _input_grad(x, w, pool_a, idx_a, scale, *seg)
-            if need_pa:
-                dpa = _pool_grad(pool_a, w, x, idx_a, scale, *seg)
-        if need_pb:
-            dpb = _pool_grad(pool_b, v, dy, idx_b, scale, *seg)
-    if dv is not None:  # v was used downstream: v = x @ A_t.T, no scale
-        dv = _unit_stride(dv.to(v.dtype))
-        ones = _ones_scale(idx_a)
-        if need_x:
-            dx = _input_grad(x, dv, pool_a, idx_a, ones, *seg, into=dx)
-        if need_pa:
-            dpa = _pool_grad(pool_a, dv, x, idx_a, ones, *seg, into=dpa)
-    if dpa is not None:
-        dpa = dpa.to(pool_a.dtype)
-    if dpb is not None:
-        dpb = dpb.to(pool_b.dtype)
-    return dx, dpa, dpb, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "mos::sharded_lora", _sharded_lora_backward, setup_context=_sharded_lora_setup
-)
 
 
 def _shrink_setup(ctx, inputs, output):
