@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
+import types
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,8 +26,6 @@ import mos_ext
 from mos_ext import MoSConfig, get_mos_model
 from mos_ext.layers import MoSLinear
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import median_time  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,17 +67,29 @@ def saved_bytes(model, ids, autocast):
     return sum(n for ptr, n in seen.items() if ptr not in own)
 
 
-def step_time(model, ids, reps, autocast):
-    params = [p for p in model.parameters() if p.requires_grad]
+def round_robin_times(models, ids, reps, autocast):
+    """Median ms of one forward + backward step per model, the models' steps interleaved."""
+    steps = {}
+    for name, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        for p in params:
-            p.grad = None
+        def step(model=model, params=params):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            for p in params:
+                p.grad = None
 
-    return median_time(step, reps)
+        steps[name] = step
+    for step in steps.values():
+        step()  # warm-up
+    samples = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 def main():
@@ -92,7 +104,7 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    reps = 3 if a.quick else 5
+    reps = 3 if a.quick else 7
     import peft
 
     ids = torch.randint(0, 1024, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
@@ -100,29 +112,28 @@ def main():
     for autocast in (False, True):
         for r in (8, 16, 32):
             e = max(r // 4, 1)
-            res = {}
-            lora = peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL7))
-            res["peft_lora"] = (step_time(lora, ids, reps, autocast), sum(p.numel() for p in lora.parameters() if p.requires_grad))
-            mem = {"peft_lora": saved_bytes(lora, ids, autocast)}
-            del lora
-            cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r, target_modules=ALL7)
-            mos = get_mos_model(base(a), cfg)
-            res["mos"] = (step_time(mos, ids, reps, autocast), mos.num_trainable_parameters())
-            mem["mos"] = saved_bytes(mos, ids, autocast)
-            orig = MoSLinear.delta
-            MoSLinear.delta = naive_delta
-            try:
-                res["mos_naive"] = (step_time(mos, ids, reps, autocast), mos.num_trainable_parameters())
-                mem["mos_naive"] = saved_bytes(mos, ids, autocast)
-            finally:
-                MoSLinear.delta = orig
-            del mos
+            # All four models live at once and their steps are timed round-robin, so drift of
+            # the machine (frequency, neighbours) hits every column alike.
+            models = {"peft_lora": peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r,
+                                                                                target_modules=ALL7))}
+            cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r,
+                            target_modules=ALL7)
+            models["mos"] = get_mos_model(base(a), cfg)
+            models["mos_naive"] = get_mos_model(base(a), cfg)
+            for mod in models["mos_naive"].modules():
+                if isinstance(mod, MoSLinear):
+                    mod.delta = types.MethodType(naive_delta, mod)
             plain = base(a)
             for p in plain.parameters():
                 p.requires_grad_(False)
             plain.get_input_embeddings().weight.requires_grad_(True)  # so backward runs through the stack
-            res["frozen_base"] = (step_time(plain, ids, reps, autocast), 0)
-            mem["frozen_base"] = saved_bytes(plain, ids, autocast)
+            models["frozen_base"] = plain
+            times = round_robin_times(models, ids, reps, autocast)
+            params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+            params["frozen_base"] = 0
+            res = {k: (times[k], params[k]) for k in models}
+            mem = {k: saved_bytes(m, ids, autocast) for k, m in models.items()}
+            del models, plain
             row = dict(autocast_bf16=autocast, r=r, e=e, tokens=a.batch * a.seq,
                        **{f"{k}_ms": v[0] for k, v in res.items()}, **{f"{k}_params": v[1] for k, v in res.items()},
                        **{f"{k}_saved_MB": v / 2**20 for k, v in mem.items()})
