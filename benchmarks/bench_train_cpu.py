@@ -67,6 +67,67 @@ def saved_bytes(model, ids, autocast):
     return sum(n for ptr, n in seen.items() if ptr not in own)
 
 
+def build_models(a, r, e, only=None):
+    """The four models of one row (or just `only`)."""
+    import peft
+
+    models = {}
+    if only in (None, "peft_lora"):
+        models["peft_lora"] = peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL7))
+    cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r,
+                    target_modules=ALL7)
+    if only in (None, "mos"):
+        models["mos"] = get_mos_model(base(a), cfg)
+    if only in (None, "mos_naive"):
+        models["mos_naive"] = get_mos_model(base(a), cfg)
+        for mod in models["mos_naive"].modules():
+            if isinstance(mod, MoSLinear):
+                mod.delta = types.MethodType(naive_delta, mod)
+    if only in (None, "frozen_base"):
+        plain = base(a)
+        for p in plain.parameters():
+            p.requires_grad_(False)
+        plain.get_input_embeddings().weight.requires_grad_(True)  # so backward runs through the stack
+        models["frozen_base"] = plain
+    return models
+
+
+def _status_bytes(key):
+    """A VmRSS / VmHWM line of /proc/self/status in bytes (VmHWM, unlike ru_maxrss, starts afresh
+    at exec, so a spawned child does not inherit its parent's high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _peak_child(a, r, e, name, autocast, q):
+    torch.set_num_threads(1)
+    model = build_models(a, r, e, only=name)[name]
+    ids = torch.randint(0, 1024, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    before = _status_bytes("VmRSS")
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    q.put(_status_bytes("VmHWM") - before)
+
+
+def peak_rss_of_step(a, r, e, name, autocast):
+    """Peak resident memory a training step adds over the built model (its grads included), in a
+    fresh process per model: the high-water mark of the process minus its size before the step."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(a, r, e, name, autocast, q))
+    proc.start()
+    out = q.get(timeout=600)
+    proc.join()
+    return out
+
+
 def round_robin_times(models, ids, reps, autocast):
     """Median ms of one forward + backward step per model, the models' steps interleaved."""
     steps = {}
@@ -105,38 +166,24 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     reps = 3 if a.quick else 7
-    import peft
 
     ids = torch.randint(0, 1024, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
     rows = []
     for autocast in (False, True):
         for r in (8, 16, 32):
             e = max(r // 4, 1)
-            # All four models live at once and their steps are timed round-robin, so drift of
-            # the machine (frequency, neighbours) hits every column alike.
-            models = {"peft_lora": peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r,
-                                                                                target_modules=ALL7))}
-            cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r,
-                            target_modules=ALL7)
-            models["mos"] = get_mos_model(base(a), cfg)
-            models["mos_naive"] = get_mos_model(base(a), cfg)
-            for mod in models["mos_naive"].modules():
-                if isinstance(mod, MoSLinear):
-                    mod.delta = types.MethodType(naive_delta, mod)
-            plain = base(a)
-            for p in plain.parameters():
-                p.requires_grad_(False)
-            plain.get_input_embeddings().weight.requires_grad_(True)  # so backward runs through the stack
-            models["frozen_base"] = plain
+            models = build_models(a, r, e)
             times = round_robin_times(models, ids, reps, autocast)
             params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
             params["frozen_base"] = 0
             res = {k: (times[k], params[k]) for k in models}
             mem = {k: saved_bytes(m, ids, autocast) for k, m in models.items()}
-            del models, plain
+            del models
+            peak = {k: peak_rss_of_step(a, r, e, k, autocast) for k in res}
             row = dict(autocast_bf16=autocast, r=r, e=e, tokens=a.batch * a.seq,
                        **{f"{k}_ms": v[0] for k, v in res.items()}, **{f"{k}_params": v[1] for k, v in res.items()},
-                       **{f"{k}_saved_MB": v / 2**20 for k, v in mem.items()})
+                       **{f"{k}_saved_MB": v / 2**20 for k, v in mem.items()},
+                       **{f"{k}_step_peak_rss_MB": v / 2**20 for k, v in peak.items()})
             row["mos_over_lora"] = res["mos"][0] / res["peft_lora"][0]
             row["naive_over_mos"] = res["mos_naive"][0] / res["mos"][0]
             rows.append(row)
@@ -144,7 +191,9 @@ def main():
                   f"({res['peft_lora'][1]:,} p)  mos {res['mos'][0]:8.1f} ms ({res['mos'][1]:,} p)  "
                   f"naive-mos {res['mos_naive'][0]:8.1f} ms  frozen base {res['frozen_base'][0]:8.1f} ms  "
                   f"mos/lora {row['mos_over_lora']:.2f}x | saved for backward MB: lora {mem['peft_lora'] / 2**20:.1f} "
-                  f"mos {mem['mos'] / 2**20:.1f} naive {mem['mos_naive'] / 2**20:.1f} base {mem['frozen_base'] / 2**20:.1f}",
+                  f"mos {mem['mos'] / 2**20:.1f} naive {mem['mos_naive'] / 2**20:.1f} base {mem['frozen_base'] / 2**20:.1f} | "
+                  f"step peak RSS MB: lora {peak['peft_lora'] / 2**20:.1f} mos {peak['mos'] / 2**20:.1f} "
+                  f"naive {peak['mos_naive'] / 2**20:.1f} base {peak['frozen_base'] / 2**20:.1f}",
                   flush=True)
     out = os.path.join(os.path.dirname(__file__), "out", "train_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

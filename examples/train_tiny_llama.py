@@ -27,11 +27,11 @@ def data(step, n=16, t=32):
     return (start + stride * torch.arange(t)) % 96
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default="/tmp/mos_example")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
 
     cfg = MoSConfig(r=8, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=16, lora_dropout=0.05,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -74,7 +74,8 @@ def main():
     model.export_lora(lora_dir)
     lora_size = os.path.getsize(os.path.join(lora_dir, "adapter_model.safetensors"))
     print(f"exported as PEFT LoRA to {lora_dir}: {lora_size:,} bytes ({lora_size / size:.1f}x the MoS adapter)")
+    return 0 if same and err < 1e-3 else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
