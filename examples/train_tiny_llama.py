@@ -33,7 +33,8 @@ def main(argv=None):
     ap.add_argument("--out", default="/tmp/mos_example")
     a = ap.parse_args(argv)
 
-    cfg = MoSConfig(r=8, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=16, lora_dropout=0.05,
+    # 4 layers: (r - p) * l = 12 shared shards per layer fit the public pool (e - p) * L * l = 16
+    cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=8, lora_dropout=0.05,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_mos_model(tiny_llama(), cfg)
     print(f"trainable parameters: {model.num_trainable_parameters():,}")
