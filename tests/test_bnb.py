@@ -26,16 +26,20 @@ def dequant(layer):
     return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
 
 
-@pytest.fixture
-def qlayer():
+def mos_over(quantize):
+    """A MoSLinear (64 -> 32, nonzero B) over quantize(nn.Linear), and its pools."""
     torch.manual_seed(0)
     cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1)
     pools = ShardPools(cfg, 64, 32, 3, gen=torch.Generator().manual_seed(0))
     with torch.no_grad():
         pools.B.normal_(0, 0.05)
     ia, ib = sample_tables(cfg, 64, 32, 3, torch.Generator().manual_seed(1))
-    q = nf4_linear(torch.nn.Linear(64, 32))
-    return MoSLinear(q, pools, ia[0], ib[0], cfg.scale), pools
+    return MoSLinear(quantize(torch.nn.Linear(64, 32)), pools, ia[0], ib[0], cfg.scale), pools
+
+
+@pytest.fixture
+def qlayer():
+    return mos_over(nf4_linear)
 
 
 def test_forward_backward_on_nf4_base(qlayer):
@@ -84,15 +88,9 @@ def dequant8(layer):
 
 @pytest.fixture
 def int8_layer():
-    torch.manual_seed(0)
-    cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1)
-    pools = ShardPools(cfg, 64, 32, 3, gen=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        pools.B.normal_(0, 0.05)
-    ia, ib = sample_tables(cfg, 64, 32, 3, torch.Generator().manual_seed(1))
-    q = int8_linear(torch.nn.Linear(64, 32))
-    assert q.weight.dtype == torch.int8
-    return MoSLinear(q, pools, ia[0], ib[0], cfg.scale), pools
+    layer, pools = mos_over(int8_linear)
+    assert layer.base.weight.dtype == torch.int8
+    return layer, pools
 
 
 def int8_step(w):
