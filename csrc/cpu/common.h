@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
@@ -47,6 +48,19 @@ inline std::vector<Item> build_items(const at::Tensor& seg_indptr, const at::Ten
       items.push_back(Item{static_cast<int32_t>(b), static_cast<int32_t>(std::min(b + kTokBlock, n1)), t[g]});
   }
   return items;
+}
+
+// dst[k] = src[idx[k]] for n rows of row_bytes each; -1 and out-of-range
+// entries (possible with value checks off) give zero rows.
+inline void gather_rows(char* dst, const char* src, const int32_t* idx, int64_t n, int64_t P,
+                        int64_t row_bytes) {
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t p = idx[k];
+    if (p >= 0 && p < P)
+      std::memcpy(dst + k * row_bytes, src + p * row_bytes, row_bytes);
+    else
+      std::memset(dst + k * row_bytes, 0, row_bytes);
+  }
 }
 
 inline Side make_side(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d) {

@@ -5,7 +5,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -68,17 +67,8 @@ Plan plan_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int6
 at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
                          at::ScalarType dtype) {
   at::Tensor out = at::empty({d.r, d.l * d.s}, pool.options());
-  const int64_t row_bytes = d.s * pool.element_size();
-  const char* src = static_cast<const char*>(pool.data_ptr());
-  char* dst = static_cast<char*>(out.data_ptr());
-  const int32_t* ip = idx.data_ptr<int32_t>() + t * d.r * d.l;
-  for (int64_t k = 0; k < d.r * d.l; ++k) {
-    const int32_t p = ip[k];
-    if (p >= 0 && p < d.P)
-      std::memcpy(dst + k * row_bytes, src + p * row_bytes, row_bytes);
-    else
-      std::memset(dst + k * row_bytes, 0, row_bytes);
-  }
+  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(pool.data_ptr()),
+              idx.data_ptr<int32_t>() + t * d.r * d.l, d.r * d.l, d.P, d.s * pool.element_size());
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
 

@@ -2,8 +2,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstring>
-
 #include "common.h"
 
 namespace mos {
@@ -22,13 +20,7 @@ at::Tensor gather_shards_cpu(const at::Tensor& pool, const at::Tensor& idx) {
   char* dst = static_cast<char*>(out.data_ptr());
   const int32_t* ip = idx.data_ptr<int32_t>();
   at::parallel_for(0, n, 1024, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const int32_t p = ip[k];
-      if (p >= 0 && p < d.P)
-        std::memcpy(dst + k * row_bytes, src + p * row_bytes, row_bytes);
-      else
-        std::memset(dst + k * row_bytes, 0, row_bytes);
-    }
+    gather_rows(dst + b * row_bytes, src, ip + b, e - b, d.P, row_bytes);
   });
   return out;
 }
