@@ -113,11 +113,8 @@ def set_cpu_dense_min_tokens(n: int) -> int:
     and ``shard_grad(deterministic=True)`` use the fused kernels. ``0`` turns the BLAS path
     off. ``MOS_EXT_CPU_DENSE_MIN_TOKENS`` sets it at import (default 32). The two paths agree
     to rounding; only the fused kernels are bitwise independent of the thread count.
-    Returns the previous value."""
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0 (0 turns the BLAS path off), got {n}")
-    return _C.set_cpu_dense_min_tokens(n)
+    Returns the previous value; a negative ``n`` raises ValueError."""
+    return _C.set_cpu_dense_min_tokens(int(n))
 
 
 def cuda_built() -> bool:

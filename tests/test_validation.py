@@ -152,3 +152,10 @@ def test_checks_off_never_reads_out_of_bounds(p, cpu_path):
         out = ops.gather_shards(p.pool_a, bad_a)
         assert torch.all(out[0, 1, 2 * 8:3 * 8] == 0)
     assert mos_ext.index_checks_enabled()
+
+
+def test_negative_dense_threshold_rejected():
+    before = mos_ext.cpu_dense_min_tokens()
+    with pytest.raises(ValueError, match="dense_min_tokens must be >= 0"):
+        mos_ext.set_cpu_dense_min_tokens(-1)
+    assert mos_ext.cpu_dense_min_tokens() == before

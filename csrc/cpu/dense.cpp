@@ -88,7 +88,8 @@ void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& po
   for (const Item& g : segs) {
     const at::Tensor B = gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type());
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
-    ys.addmm_(v.narrow(0, g.n0, g.n1 - g.n0).to(y.scalar_type()), B, 1.0, static_cast<double>(sc[g.t]));
+    // v is in the accumulation dtype, which is y's for the fp32/fp64 problems this path takes
+    ys.addmm_(v.narrow(0, g.n0, g.n1 - g.n0), B, 1.0, static_cast<double>(sc[g.t]));
   }
 }
 
