@@ -15,28 +15,45 @@ from .ops import gather_shards, sgmv, sgmv_expand, sgmv_shrink, shard_grad, shar
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MoSConfig": ".pools",
-    "ShardPools": ".pools",
+    "MoSConfig": ".config",
     "MoSLinear": ".layers",
     "MoSModel": ".model",
-    "get_mos_model": ".model",
+    "get_mos_model": ".api",
+    "export_lora": ".api",
+    "load_adapter": ".api",
+    "read_adapter": ".adapter_io",
 }
 
 
 def __getattr__(name):
-    """The training API (imports transformers) loads on first use."""
+    """The training API (imports transformers and peft) loads on first use."""
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'mos_ext' has no attribute {name!r}")
 
+
+def _register_peft_method():
+    """Make MoS a PEFT method as soon as mos_ext is imported, so that ``PeftModel.from_pretrained``
+    and transformers' ``load_adapter`` read MoS adapter directories. Without peft installed the
+    ops and serving still work; an unsupported peft version raises here, naming it."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is not None:
+        from . import model  # noqa: F401  (registers MoSConfig / MoSModel with PEFT)
+
+
+_register_peft_method()
+
 __all__ = [
     "MoSConfig",
     "MoSModel",
     "MoSLinear",
-    "ShardPools",
     "get_mos_model",
+    "export_lora",
+    "load_adapter",
+    "read_adapter",
     "ops",
     "gather_shards",
     "sgmv",

@@ -1,13 +1,18 @@
-"""MoSLinear: a frozen linear base plus a sharded adapter read from model-level pools."""
+"""MoSLinear: a PEFT tuner layer whose adapters are read from pools shared across layers.
+
+The pools belong to the tuner (:class:`mos_ext.model.MoSModel`, one pair per projection type and
+adapter); a layer holds, per adapter, its int32 index tables ``mos_idx_a[name] [1, r, l_a]``,
+``mos_idx_b[name] [1, r, l_b]`` (saved with the adapter) and a reference to its pools.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from .pools import ShardPools
+from .integrations.peft import BaseTunerLayer, BufferDict
 
 try:  # GPT-2 style layers keep their weight as [in, out]
     from transformers.pytorch_utils import Conv1D as _Conv1D
@@ -28,7 +33,7 @@ def base_dims(base: nn.Module):
         return base.in_features, base.out_features, "linear"
     if _Conv1D is not None and isinstance(base, _Conv1D):
         return base.weight.shape[0], base.weight.shape[1], "conv1d"
-    raise TypeError(f"MoSLinear supports nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt "
+    raise TypeError(f"MoS adapters support nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt "
                     f"bases, got {type(base).__name__}")
 
 
@@ -47,92 +52,137 @@ def single_segment(n: int, device: torch.device):
     return seg
 
 
-class MoSLinear(nn.Module):
-    """``y = base(x) + scale * B (A dropout(x))`` with ``A``, ``B`` gathered from shared pools.
+class MoSLinear(nn.Module, BaseTunerLayer):
+    """``y = base(x) + Σ_active scale · B (A dropout(x))`` with ``A``, ``B`` gathered from shared pools.
 
-    The pools belong to the model (one :class:`ShardPools` per projection type); the layer
-    holds a reference that is not registered as a submodule, so state dicts hold each pool
-    once. The layer's own state is its int32 index tables ``idx_a [1, r, l_a]``,
-    ``idx_b [1, r, l_b]`` (buffers). The adapter runs in the dtype of the base output
-    (bf16 under autocast) while the pools stay fp32; gradients reach the pools through the
-    fused pool-gradient op.
+    The adapter runs in the dtype of the base output (bf16 under autocast); pools may be fp32
+    masters (PEFT's ``autocast_adapter_dtype``) or in the activation dtype; gradients reach the
+    pools through the fused pool-gradient op.
     """
 
-    def __init__(self, base: nn.Module, pools: ShardPools, idx_a: torch.Tensor, idx_b: torch.Tensor,
-                 scale: float, dropout: float = 0.0):
+    # PEFT toggles requires_grad on the "adapter layers"; the trainable pools live on the tuner, the
+    # int32 tables cannot require grad, so only the (parameter-free) dropouts are listed there.
+    adapter_layer_names = ("mos_dropout",)
+    other_param_names = ("mos_idx_a", "mos_idx_b", "mos_scale", "mos_r", "_mos_pools")
+
+    def __init__(self, base_layer: nn.Module, **kwargs):
         super().__init__()
-        self.in_features, self.out_features, self.base_kind = base_dims(base)
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        object.__setattr__(self, "_pools", pools)  # shared, owned by the model
-        self.register_buffer("idx_a", idx_a.reshape(1, *idx_a.shape[-2:]).to(torch.int32).contiguous())
-        self.register_buffer("idx_b", idx_b.reshape(1, *idx_b.shape[-2:]).to(torch.int32).contiguous())
-        self.register_buffer("scale", torch.tensor([float(scale)], dtype=torch.float32), persistent=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.disable_adapter = False
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.base_kind = base_dims(base_layer)
+        self.mos_idx_a = BufferDict({}, persistent=True)
+        self.mos_idx_b = BufferDict({}, persistent=True)
+        self.mos_dropout = nn.ModuleDict({})
+        self.mos_scale: Dict[str, float] = {}
+        self.mos_r: Dict[str, int] = {}
+        self._mos_pools: Dict[str, tuple] = {}  # name -> (ParameterDict A, ParameterDict B); looked up per call
+        self._scale_t: Dict[tuple, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
 
-    @property
-    def pools(self) -> ShardPools:
-        return self._pools
+    # ------------------------------------------------------------------ adapters
+    def update_layer(self, adapter_name: str, pools_a: nn.ParameterDict, pools_b: nn.ParameterDict,
+                     idx_a: torch.Tensor, idx_b: torch.Tensor, scale: float, dropout: float) -> None:
+        dev = self._base_device()
+        self.mos_idx_a[adapter_name] = idx_a.reshape(1, *idx_a.shape[-2:]).to(device=dev, dtype=torch.int32).contiguous()
+        self.mos_idx_b[adapter_name] = idx_b.reshape(1, *idx_b.shape[-2:]).to(device=dev, dtype=torch.int32).contiguous()
+        self.mos_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mos_scale[adapter_name] = float(scale)
+        self.mos_r[adapter_name] = int(idx_a.shape[-2])
+        self._mos_pools[adapter_name] = (pools_a, pools_b)
+        self._scale_t = {}
+        self.set_adapter(self.active_adapters)
 
-    @property
-    def r(self) -> int:
-        return self.idx_a.shape[1]
+    def _base_device(self):
+        for t in list(self.base_layer.parameters()) + list(self.base_layer.buffers()):
+            if t.device.type != "meta":
+                return t.device
+        return torch.device("cpu")
+
+    def pools(self, adapter_name: str):
+        pa, pb = self._mos_pools[adapter_name]
+        return pa[adapter_name], pb[adapter_name]
+
+    def _scale_tensor(self, adapter_name: str, device) -> torch.Tensor:
+        key = (adapter_name, device)
+        t = self._scale_t.get(key)
+        if t is None:
+            t = torch.tensor([self.mos_scale[adapter_name]], dtype=torch.float32, device=device)
+            self._scale_t[key] = t
+        return t
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale.item():g}, merged={self.merged}"
+        ranks = ", ".join(f"{a}: r={r}, scale={self.mos_scale[a]:g}" for a, r in self.mos_r.items())
+        return f"in={self.in_features}, out={self.out_features}, {ranks}"
 
-    # ------------------------------------------------------------------
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution ``scale * B A x`` for x [..., in] in x's dtype."""
+    # ------------------------------------------------------------------ forward
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``scale · B A x`` of one adapter for x [..., in], in x's dtype (pools converted on load)."""
         lead = x.shape[:-1]
+        pa, pb = self.pools(adapter_name)
+        act = x.dtype
+        ok = (act, torch.float32)
+        if pa.dtype not in ok or pb.dtype not in ok:  # e.g. fp16 pools under bf16 activations: compute in the pools'
+            x = x.to(pa.dtype)                        # dtype and cast back, as PEFT does for LoRA
+            if pb.dtype != pa.dtype:
+                pb = pb.to(pa.dtype)
         xs = x.reshape(-1, self.in_features)
         if xs.shape[-1] > 1 and xs.stride(-1) != 1:
             xs = xs.contiguous()
         ip, tn = single_segment(xs.shape[0], xs.device)
-        pools = self._pools
-        d = ops.sharded_lora(xs, pools.A, pools.B, self.idx_a, self.idx_b, self.scale, ip, tn)
-        return d.reshape(*lead, self.out_features)
+        d = ops.sharded_lora(xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
+                             self._scale_tensor(adapter_name, xs.device), ip, tn)
+        return d.reshape(*lead, self.out_features).to(act)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
-        if self.merged or self.disable_adapter:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
             return out
         act = out.dtype if out.is_floating_point() else x.dtype
-        return out + self.delta(self.dropout(x).to(act))
+        for name in self.active_adapters:
+            if name not in self.mos_idx_a:
+                continue
+            out = out + self.delta(self.mos_dropout[name](x).to(act), name)
+        return out
 
-    # ------------------------------------------------------------------
-    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
-        """``scale * B A`` as an [out, in] matrix (the merge update)."""
-        pools = self._pools
-        a = ops.gather_shards(pools.A.detach(), self.idx_a[0]).to(torch.float32)  # [r, in]
-        bt = ops.gather_shards(pools.B.detach(), self.idx_b[0]).to(torch.float32)  # [r, out]
-        return (self.scale.item() * (bt.T @ a)).to(dtype)
+    # ------------------------------------------------------------------ merge
+    def get_delta_weight(self, adapter_name: str, dtype=torch.float32) -> torch.Tensor:
+        """``scale · B A`` as an [out, in] matrix (the merge update) in ``dtype``."""
+        pa, pb = self.pools(adapter_name)
+        a = ops.gather_shards(pa.detach(), self.mos_idx_a[adapter_name][0]).to(torch.float32)  # [r, in]
+        bt = ops.gather_shards(pb.detach(), self.mos_idx_b[adapter_name][0]).to(torch.float32)  # [r, out]
+        return (self.mos_scale[adapter_name] * (bt.T @ a)).to(dtype)
 
     @torch.no_grad()
-    def _apply_delta(self, sign: float):
-        dw = sign * self.delta_weight()
+    def _apply_delta(self, dw: torch.Tensor, safe: bool = False):
+        base = self.base_layer
         if self.base_kind == "bnb":
-            _bnb_add_(self.base, dw)
-        elif self.base_kind == "conv1d":
-            w = self.base.weight
-            w.copy_((w.float() + dw.T.to(w.device)).to(w.dtype))
-        else:
-            w = self.base.weight
-            w.copy_((w.float() + dw.to(w.device)).to(w.dtype))
+            _bnb_add_(base, dw)
+            return
+        w = base.weight
+        upd = dw.T if self.base_kind == "conv1d" else dw
+        new = (w.float() + upd.to(w.device)).to(w.dtype)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError("NaNs/Infs in the merged weights: the adapter seems to be broken")
+        w.copy_(new)
 
-    def merge(self):
-        """Fold the adapter into the base weight (dequantize/requantize for bnb bases)."""
-        if not self.merged:
-            self._apply_delta(+1.0)
-            self.merged = True
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[List[str]] = None) -> None:
+        """Fold the active (or named) adapters into the base weight (dequantize/requantize for bnb)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name in self.mos_idx_a and name not in self.merged_adapters:
+                self._apply_delta(self.get_delta_weight(name), safe=safe_merge)
+                self.merged_adapters.append(name)
 
-    def unmerge(self):
-        if self.merged:
-            self._apply_delta(-1.0)
-            self.merged = False
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.mos_idx_a:
+                self._apply_delta(-self.get_delta_weight(name))
 
 
 def _bnb_add_(layer: nn.Module, dw: torch.Tensor):

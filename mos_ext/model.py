@@ -1,18 +1,18 @@
-"""MoSModel: a Hugging Face model with sharded adapters injected, saved at its compressed size.
+"""MoSModel: the PEFT tuner of MoS / MiSS / LoRA-as-shards adapters.
 
-    model = get_mos_model(hf_model, MoSConfig(r=16, equivalent_rank=8, shards_per_vector=4, private_rank=4))
-    model.save_adapter("out/")                      # adapter_config.json + adapter.safetensors
-    model2 = MoSModel.from_pretrained(hf_model2, "out/")
-    model.merge(); model.unmerge(); base = model.merge_and_unload()
-    model.export_lora("lora_out/")                   # PEFT LoRA on-disk format
+After ``import mos_ext``, ``peft.get_peft_model(model, mos_ext.MoSConfig(...))`` returns a
+``peft.PeftModel`` whose ``base_model`` is a :class:`MoSModel`. The tuner owns the shared pools
+(per adapter and projection type ``t``: ``mos_pool_A_<t>[adapter] [N_A, s_a]`` and
+``mos_pool_B_<t>[adapter] [N_B, s_b]``); each targeted layer becomes a :class:`MoSLinear` holding
+its int32 index tables. ``save_pretrained`` writes ``adapter_config.json`` (the MoSConfig, with
+``type_layers``: each type's module paths in pool order) and ``adapter_model.safetensors``:
 
-On-disk format (``adapter.safetensors``):
-    pools.<type>.A    [N_A, s_a]  pool dtype (fp32 by default)
-    pools.<type>.B    [N_B, s_b]
-    index.<module path>.A   [r, l_a] int32   (module path as in base_model.named_modules())
-    index.<module path>.B   [r, l_b] int32
-``adapter_config.json`` holds the MoSConfig, the format version and, per type, ``h``, ``o``
-and the ordered list of its layers' module paths.
+    base_model.mos_pool_A_<type>                       [N_A, s_a]  pool dtype (fp32 by default)
+    base_model.mos_pool_B_<type>                       [N_B, s_b]
+    base_model.model.<module path>.mos_idx_a           [1, r, l_a] int32
+    base_model.model.<module path>.mos_idx_b           [1, r, l_b] int32
+
+i.e. the compressed size: pools + tables, never a materialized LoRA.
 """
 from __future__ import annotations
 
@@ -24,343 +24,235 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .config import MoSConfig
+from .integrations.peft import BaseTuner, PREFIX, register
 from .layers import MoSLinear, base_dims
-from .pools import MoSConfig, ShardPools, sample_tables
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+from .pools import init_pools, sample_tables
 
 
-def _find_targets(model: nn.Module, cfg: MoSConfig) -> "OrderedDict[str, List[str]]":
-    """Projection type -> module paths of its targeted layers, in module order.
+def _group_types(model: nn.Module, names: List[str]) -> "OrderedDict[str, List[str]]":
+    """Projection type -> module paths, in module order.
 
     A type is a module's last name (``q_proj``); where layers of one name differ in shape
     (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``) the parent's name is prefixed (``attn_c_proj``).
     """
-    wanted = set(cfg.target_modules)
-    by_name: "OrderedDict[str, List[str]]" = OrderedDict((t, []) for t in cfg.target_modules)
-    for name, mod in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if last in wanted and not isinstance(mod, (MoSLinear, nn.ModuleList, nn.ModuleDict)):
-            if name.rsplit(".", 2)[-2:-1] == ["base"] and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), MoSLinear):
-                continue
-            base_dims(mod)  # raises TypeError for unsupported layer kinds
-            by_name[last].append(name)
-    missing = [t for t, names in by_name.items() if not names]
-    if missing:
-        seen = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        raise ValueError(f"target_modules {missing} match no module of the model (its module names end with "
-                         f"e.g. {seen[:16]})")
+    by_last: "OrderedDict[str, List[str]]" = OrderedDict()
+    for n in names:
+        by_last.setdefault(n.rsplit(".", 1)[-1], []).append(n)
     found: "OrderedDict[str, List[str]]" = OrderedDict()
-    for last, names in by_name.items():
-        shapes = {base_dims(model.get_submodule(n))[:2] for n in names}
+    for last, group in by_last.items():
+        shapes = {base_dims(_base(model.get_submodule(n)))[:2] for n in group}
         if len(shapes) == 1:
-            found[last] = names
+            found[last] = group
             continue
-        for n in names:
+        for n in group:
             parts = n.split(".")
             parent = parts[-2] if len(parts) > 1 else ""
             found.setdefault(f"{parent}_{last}", []).append(n)
     return found
 
 
-def _set_module(root: nn.Module, path: str, new: nn.Module):
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, new)
+def _base(mod: nn.Module) -> nn.Module:
+    return mod.get_base_layer() if isinstance(mod, MoSLinear) else mod
 
 
-class MoSModel(nn.Module):
-    """A base model with frozen weights and trainable shard pools (one pair per projection type)."""
+def pool_attr(t: str, side: str) -> str:
+    return f"{PREFIX}pool_{side}_{t}"
 
-    def __init__(self, model: nn.Module, cfg: MoSConfig, _tables: Optional[Dict[str, tuple]] = None,
-                 _pools: Optional[Dict[str, ShardPools]] = None):
-        super().__init__()
-        self.config_mos = cfg
-        targets = _find_targets(model, cfg)
-        dims = {}
-        for t, names in targets.items():  # all layers of a type share one shape (_find_targets)
-            h, o, _ = base_dims(model.get_submodule(names[0]))
-            cfg.check_type(t, h, o, len(names))
-            dims[t] = (h, o)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        some = next(model.parameters(), None)
+
+class MoSModel(BaseTuner):
+    """PEFT tuner: shared shard pools per projection type, MoSLinear layers holding index tables."""
+
+    prefix = PREFIX
+    tuner_layer_cls = MoSLinear
+    target_module_mapping: dict = {}
+    uses_shared_state = True
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None, **kwargs):
+        self._mos_plans: Dict[str, dict] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+                         **kwargs)
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+            tm = M.get(model_config.get("model_type"))
+            if tm is None:
+                raise ValueError("Please specify target_modules in the MoSConfig")
+            peft_config.target_modules = list(tm)
+        return peft_config
+
+    def _plan(self, cfg: MoSConfig, adapter_name: str) -> dict:
+        """Targets, pools and tables of one adapter, built once for the whole model (the pools'
+        size depends on how many layers share them)."""
+        plan = self._mos_plans.get(adapter_name)
+        if plan is not None:
+            return plan
+        names = []
+        for key, mod in self.model.named_modules():
+            if not key or isinstance(mod, (nn.ModuleList, nn.ModuleDict)) or ".base_layer" in key or "._mos" in key:
+                continue
+            if any(isinstance(p, MoSLinear) for p in self._parents(key)):
+                continue
+            if self._check_target_module_exists(cfg, key):
+                base_dims(_base(mod))  # TypeError naming the unsupported layer kind
+                names.append(key)
+        if not names:
+            raise ValueError(f"target_modules {cfg.target_modules} match no module of the model")
+        types = _group_types(self.model, names)
+        if cfg.type_layers is not None:
+            saved = {t: list(v) for t, v in cfg.type_layers.items()}
+            if saved != {t: list(v) for t, v in types.items()}:
+                diff = sorted(set(saved) ^ set(types)) or [t for t in types if saved.get(t) != types[t]]
+                raise ValueError(f"this adapter was trained on other layers: its types/layers {diff[:4]} differ from "
+                                 f"what target_modules={cfg.target_modules} selects in this model")
+        some = next((p for p in self.model.parameters() if p.device.type != "meta"), None)
         device = some.device if some is not None else None
         gen = torch.Generator().manual_seed(cfg.seed)
-        pools = nn.ModuleDict()
-        tables = {}
-        for t, names in targets.items():
-            h, o = dims[t]
-            if _pools is not None:
-                pools[t] = _pools[t]
-            else:
-                pools[t] = ShardPools(cfg, h, o, len(names), gen=gen, device=device)
-            if _tables is not None:
-                tables[t] = _tables[t]
-            else:
-                tables[t] = sample_tables(cfg, h, o, len(names), gen)
-        self.pools = pools
-        self.layer_names = {t: list(names) for t, names in targets.items()}
-        for t, names in targets.items():
-            ia, ib = tables[t]
-            for k, n in enumerate(names):
-                base = model.get_submodule(n)
-                dev = next(base.parameters(), some).device if some is not None else None
-                layer = MoSLinear(base, pools[t], ia[k].to(dev), ib[k].to(dev), cfg.scale, cfg.lora_dropout)
-                _set_module(model, n, layer)
-        self.base_model = model
+        plan = {"layers": {}, "types": types}
+        for t, group in types.items():
+            h, o, kind = base_dims(_base(self.model.get_submodule(group[0])))
+            cfg.check_type(t, h, o, len(group))
+            w = getattr(_base(self.model.get_submodule(group[0])), "weight", None)
+            dtype = w.dtype if (kind != "bnb" and w is not None and w.is_floating_point()) else torch.float32
+            a, b = init_pools(cfg, h, o, len(group), gen=gen, dtype=dtype, device=device)
+            ia, ib = sample_tables(cfg, h, o, len(group), gen)
+            for side, val in (("A", a), ("B", b)):
+                attr = pool_attr(t, side)
+                if not hasattr(self, attr):
+                    setattr(self, attr, nn.ParameterDict())
+                trainable = not (side == "A" and cfg.method in ("miss", "miss_mini"))
+                getattr(self, attr)[adapter_name] = nn.Parameter(val, requires_grad=trainable)
+            for k, n in enumerate(group):
+                plan["layers"][n] = (t, ia[k], ib[k])
+        cfg.type_layers = {t: list(g) for t, g in types.items()}
+        self._mos_plans[adapter_name] = plan
+        return plan
 
-    # ---------------------------------------------------------------- pass-through
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def _parents(self, key: str):
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            yield self.model.get_submodule(".".join(parts[:i]))
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kwargs):
+        if current_key is None:
+            raise ValueError("current_key must be given")
+        plan = self._plan(peft_config, adapter_name)
+        if current_key not in plan["layers"]:
+            raise ValueError(f"{current_key} was not planned as a target")
+        t, ia, ib = plan["layers"][current_key]
+        pa, pb = getattr(self, pool_attr(t, "A")), getattr(self, pool_attr(t, "B"))
+        if isinstance(target, MoSLinear):
+            new = target
+        else:
+            new = MoSLinear(target)
+        new.update_layer(adapter_name, pa, pb, ia, ib, peft_config.scale, peft_config.lora_dropout)
+        if new is not target:
+            self._replace_module(parent, target_name, new, target)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+    def _replace_module(self, parent, child_name, new_module, child):
+        setattr(parent, child_name, new_module)
 
-    def mos_layers(self):
-        """(module path, MoSLinear) of every adapted layer, type by type in layer order."""
-        for t, names in self.layer_names.items():
+    # ------------------------------------------------------------------ pools
+    def pool_names(self, adapter_name: str) -> List[str]:
+        return [n for n, m in self.named_children()
+                if n.startswith(PREFIX + "pool_") and isinstance(m, nn.ParameterDict) and adapter_name in m]
+
+    def pools(self, adapter_name: str = "default") -> Dict[str, nn.Parameter]:
+        """{attribute name: pool} of one adapter (what the optimizer trains)."""
+        return {n: getattr(self, n)[adapter_name] for n in self.pool_names(adapter_name)}
+
+    def _set_pool_grads(self):
+        for n, m in self.named_children():
+            if not (n.startswith(PREFIX + "pool_") and isinstance(m, nn.ParameterDict)):
+                continue
+            for a, p in m.items():
+                cfg = self.peft_config.get(a)
+                frozen = cfg is None or cfg.inference_mode or a not in self.active_adapters or \
+                    (n.startswith(PREFIX + "pool_A_") and cfg.method in ("miss", "miss_mini"))
+                p.requires_grad_(not frozen)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            p.requires_grad = False
+        self._set_pool_grads()
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"adapter {n!r} does not exist (adapters: {list(self.peft_config)})")
+        for m in self.model.modules():
+            if isinstance(m, MoSLinear):
+                if m.merged:
+                    m.unmerge()
+                m.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+        if inference_mode:
             for n in names:
-                yield n, self.base_model.get_submodule(n)
+                self.peft_config[n].inference_mode = True
+        self._set_pool_grads()
 
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's convention: with ``autocast_adapter_dtype`` the trainable weights are float32
+        masters whatever the base dtype; without it they stay in the base dtype."""
+        if not autocast_adapter_dtype:
+            return
+        for n in self.pool_names(adapter_name):
+            d = getattr(self, n)
+            p = d[adapter_name]
+            if p.dtype in (torch.float16, torch.bfloat16):
+                d[adapter_name] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
 
-    # ---------------------------------------------------------------- merge
-    def merge(self):
-        for _, layer in self.mos_layers():
-            layer.merge()
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        for m in self.model.modules():
+            if isinstance(m, MoSLinear) and adapter_name in m.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
+        del self.peft_config[adapter_name]
+        for m in self.model.modules():
+            if isinstance(m, MoSLinear):
+                m.delete_adapter(adapter_name)
+        for n in self.pool_names(adapter_name):
+            del getattr(self, n)[adapter_name]
+        self._mos_plans.pop(adapter_name, None)
+        left = [a for a in (self.active_adapters or []) if a != adapter_name]
+        self.active_adapter = left if left else (list(self.peft_config)[:1] or [])
+        self._set_pool_grads()
 
-    def unmerge(self):
-        for _, layer in self.mos_layers():
-            layer.unmerge()
+    # ------------------------------------------------------------------ merge / unload
+    def mos_layers(self):
+        """(module path, MoSLinear) of every adapted layer."""
+        for n, m in self.model.named_modules():
+            if isinstance(m, MoSLinear):
+                yield n, m
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge every adapter into its base weight and return the plain base model."""
-        self.merge()
-        for n, layer in list(self.mos_layers()):
-            _set_module(self.base_model, n, layer.base)
-        base = self.base_model
-        self.layer_names = {}
-        return base
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names=None):
+        for n, m in list(self.mos_layers()):
+            if merge:
+                m.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            parent_name, _, leaf = n.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, leaf, m.get_base_layer())
+        for n in [n for n, _ in self.named_children() if n.startswith(PREFIX + "pool_")]:
+            delattr(self, n)
+        return self.model
 
-    def set_adapter_enabled(self, enabled: bool):
-        for _, layer in self.mos_layers():
-            layer.disable_adapter = not enabled
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        """Merge the active (or named) adapters into the base weights and return the plain base model."""
+        return self._unload(True, safe_merge, adapter_names)
 
-    # ---------------------------------------------------------------- save / load
-    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
-        sd = {}
-        for t, pools in self.pools.items():
-            sd[f"pools.{t}.A"] = pools.A.detach()
-            sd[f"pools.{t}.B"] = pools.B.detach()
-        for n, layer in self.mos_layers():
-            sd[f"index.{n}.A"] = layer.idx_a[0]
-            sd[f"index.{n}.B"] = layer.idx_b[0]
-        return sd
+    def unload(self):
+        """Remove every adapter and return the base model unchanged."""
+        return self._unload(False)
 
-    def adapter_metadata(self) -> dict:
-        types = {}
-        for t, names in self.layer_names.items():
-            p = self.pools[t]
-            types[t] = dict(h=p.h, o=p.o, layers=list(names))
-        return dict(format="mos_ext", format_version=FORMAT_VERSION, config=self.config_mos.to_dict(), types=types)
-
-    def save_adapter(self, path: str):
-        """Write adapter_config.json and adapter.safetensors (pools + int32 tables only)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        sd = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        save_file(sd, os.path.join(path, WEIGHTS_NAME), metadata={"format": "mos_ext"})
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(self.adapter_metadata(), f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str) -> "MoSModel":
-        """Inject the adapter saved at ``path`` into ``model``. Everything is validated first;
-        on any error (missing/corrupt file, mismatched model) ``model`` is left untouched."""
-        cfg, meta, pools, tables = read_adapter(path, model)
-        return cls(model, cfg, _tables=tables, _pools=pools)
-
-    def load_adapter(self, path: str):
-        """Replace this model's pools and tables with a saved adapter of the same layout
-        (validated first; on error nothing changes)."""
-        cfg, meta, pools, tables = read_adapter(path, self.base_model, expect_layers=self.layer_names)
-        for t in self.layer_names:
-            if pools[t].A.shape != self.pools[t].A.shape or pools[t].B.shape != self.pools[t].B.shape:
-                raise ValueError(f"adapter at {path}: pools of {t!r} are {tuple(pools[t].A.shape)}/"
-                                 f"{tuple(pools[t].B.shape)}, this model has {tuple(self.pools[t].A.shape)}/"
-                                 f"{tuple(self.pools[t].B.shape)}")
-            if tables[t][0].shape[1:] != self.base_model.get_submodule(self.layer_names[t][0]).idx_a.shape[1:]:
-                raise ValueError(f"adapter at {path}: tables of {t!r} have another rank/slot count")
-        with torch.no_grad():
-            for t, names in self.layer_names.items():
-                self.pools[t].A.copy_(pools[t].A)
-                self.pools[t].B.copy_(pools[t].B)
-                for k, n in enumerate(names):
-                    layer = self.base_model.get_submodule(n)
-                    layer.idx_a.copy_(tables[t][0][k])
-                    layer.idx_b.copy_(tables[t][1][k])
-                    layer.scale.fill_(cfg.scale)
-        self.config_mos = cfg
-
-    # ---------------------------------------------------------------- export
-    def export_lora(self, path: str):
-        """Write the materialized rank-r LoRA in PEFT's on-disk format (loadable by
-        ``peft.PeftModel.from_pretrained``): adapter_config.json + adapter_model.safetensors."""
-        from safetensors.torch import save_file
-
-        cfg = self.config_mos
-        os.makedirs(path, exist_ok=True)
-        sd = {}
-        fan_in_fan_out = False
-        for n, layer in self.mos_layers():
-            a = torch.ops.mos.gather_shards(layer.pools.A.detach().float(), layer.idx_a[0])  # [r, in]
-            bt = torch.ops.mos.gather_shards(layer.pools.B.detach().float(), layer.idx_b[0])  # [r, out]
-            sd[f"base_model.model.{n}.lora_A.weight"] = a.contiguous().cpu()
-            sd[f"base_model.model.{n}.lora_B.weight"] = bt.T.contiguous().cpu()
-            fan_in_fan_out = fan_in_fan_out or layer.base_kind == "conv1d"
-        save_file(sd, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-        peft_cfg = {
-            "peft_type": "LORA",
-            "task_type": None,
-            "r": cfg.r,
-            "lora_alpha": cfg.scale * cfg.r,  # PEFT scales by lora_alpha / r
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in self.mos_layers()}),
-            "bias": "none",
-            "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-            "base_model_name_or_path": None,
-            "inference_mode": True,
-        }
-        with open(os.path.join(path, "adapter_config.json"), "w") as f:
-            json.dump(peft_cfg, f, indent=2)
+    def _check_merge_allowed(self):
+        return None
 
 
-def get_mos_model(model: nn.Module, cfg: MoSConfig) -> MoSModel:
-    """Freeze ``model`` and inject sharded adapters into its ``cfg.target_modules``."""
-    return MoSModel(model, cfg)
-
-
-# -------------------------------------------------------------------- reading adapters
-
-
-def read_adapter(path: str, model: nn.Module, expect_layers=None):
-    """Read and validate a saved adapter against ``model`` without changing anything.
-
-    Returns (cfg, metadata, {type: ShardPools}, {type: (idx_a [L, r, l_a], idx_b [L, r, l_b])}).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    w_path = os.path.join(path, WEIGHTS_NAME)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"adapter file missing: {p}")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt adapter config {cfg_path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "mos_ext":
-        raise ValueError(f"{cfg_path} is not a mos_ext adapter config (no \"format\": \"mos_ext\")")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
-                         f"(this mos_ext reads {FORMAT_VERSION})")
-    try:
-        cfg = MoSConfig.from_dict(meta["config"])
-        types = meta["types"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"corrupt adapter config {cfg_path}: {e!r}") from None
-    try:
-        tensors = load_file(w_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"corrupt adapter weights {w_path}: {e}") from None
-
-    expected_keys = set()
-    pools, tables = {}, {}
-    modules = dict(model.named_modules())
-    for t, info in types.items():
-        names = info["layers"]
-        h, o = info["h"], info["o"]
-        if expect_layers is not None and expect_layers.get(t) != names:
-            raise ValueError(f"adapter at {path}: layers of {t!r} differ from this model's")
-        for n in names:
-            mod = modules.get(n)
-            if mod is None:
-                raise ValueError(f"adapter at {path}: module {n!r} does not exist in the model")
-            target = mod.base if isinstance(mod, MoSLinear) else mod
-            if expect_layers is None and isinstance(mod, MoSLinear):
-                raise ValueError(f"module {n!r} already carries an adapter")
-            hh, oo, _ = base_dims(target)
-            if (hh, oo) != (h, o):
-                raise ValueError(f"adapter at {path}: {n} is {hh}->{oo} in the model but {h}->{o} in the adapter")
-        L = len(names)
-        cfg.check_type(t, h, o, L)
-        n_a, s_a, l_a, n_b, s_b, l_b = cfg.layout(h, o, L)
-        ka, kb = f"pools.{t}.A", f"pools.{t}.B"
-        for k, shape in ((ka, (n_a, s_a)), (kb, (n_b, s_b))):
-            if k not in tensors:
-                raise ValueError(f"adapter at {path}: tensor {k!r} missing")
-            v = tensors[k]
-            if not v.is_floating_point():
-                raise ValueError(f"adapter at {path}: {k} must be floating point, got {v.dtype}")
-            if tuple(v.shape) != shape:
-                raise ValueError(f"adapter at {path}: {k} has shape {tuple(v.shape)}, expected {shape}")
-            if not torch.isfinite(v).all():
-                raise ValueError(f"adapter at {path}: {k} has non-finite values")
-        ia, ib = [], []
-        for n in names:
-            for side, lst, shape, P in (("A", ia, (cfg.r, l_a), n_a), ("B", ib, (cfg.r, l_b), n_b)):
-                k = f"index.{n}.{side}"
-                if k not in tensors:
-                    raise ValueError(f"adapter at {path}: tensor {k!r} missing")
-                v = tensors[k]
-                if v.dtype not in (torch.int32, torch.int16, torch.int64):
-                    raise ValueError(f"adapter at {path}: {k} must be an integer table, got {v.dtype}")
-                if tuple(v.shape) != shape:
-                    raise ValueError(f"adapter at {path}: {k} has shape {tuple(v.shape)}, expected {shape}")
-                if v.numel() and (int(v.min()) < -1 or int(v.max()) >= P):
-                    raise ValueError(f"adapter at {path}: {k} has entries outside [-1, {P})")
-                lst.append(v.to(torch.int32))
-                expected_keys.add(k)
-        expected_keys.update((ka, kb))
-        sp = ShardPools(cfg, h, o, L, device="meta")
-        pa, pb = tensors[ka], tensors[kb]
-        sp.A = nn.Parameter(pa.float() if pa.dtype != torch.float32 else pa, requires_grad=sp.A.requires_grad)
-        sp.B = nn.Parameter(pb.float() if pb.dtype != torch.float32 else pb)
-        pools[t] = sp
-        tables[t] = (torch.stack(ia), torch.stack(ib))
-    if expect_layers is None:
-        found = _find_targets(model, cfg)
-        if set(found) != set(types):
-            raise ValueError(f"adapter at {path}: it adapts types {sorted(types)} but the model's target modules "
-                             f"form types {sorted(found)}")
-        for t, names in found.items():
-            if names != types[t]["layers"]:
-                raise ValueError(f"adapter at {path}: the model's {t!r} layers {names[:3]}... do not match the "
-                                 f"adapter's {types[t]['layers'][:3]}...")
-    extra = set(tensors) - expected_keys
-    if extra:
-        raise ValueError(f"adapter at {path}: unexpected tensors {sorted(extra)[:5]}")
-    # Place pools on the model's device.
-    some = next(model.parameters(), None)
-    if some is not None:
-        for sp in pools.values():
-            sp.to(some.device)
-    return cfg, meta, pools, tables
+register(MoSConfig, MoSModel)

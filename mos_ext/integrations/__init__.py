@@ -1,0 +1,1 @@
+"""Integrations with other projects, one module per project; each range-checks its versions."""
