@@ -102,6 +102,9 @@ class MoSModel(BaseTuner):
         if not names:
             raise ValueError(f"target_modules {cfg.target_modules} match no module of the model")
         types = _group_types(self.model, names)
+        if isinstance(cfg.target_modules, list):  # pools are drawn in the order target_modules names the types
+            rank = {n: i for i, n in enumerate(cfg.target_modules)}
+            types = OrderedDict(sorted(types.items(), key=lambda kv: rank.get(kv[1][0].rsplit(".", 1)[-1], len(rank))))
         if cfg.type_layers is not None:
             saved = {t: list(v) for t, v in cfg.type_layers.items()}
             if saved != {t: list(v) for t, v in types.items()}:

@@ -14,41 +14,20 @@ composite rows, deduplicated, so that LoRA, MoS and MiSS tenants of any rank mix
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..adapter_io import AdapterSpec, read_adapter
 from ..layers import base_dims
 
 
 class CapacityError(RuntimeError):
     """The store has no room for an adapter (rows or tenant slots); nothing was changed."""
-
-
-@dataclass
-class _Side:
-    """One adapter side of one layer in the adapter's own layout."""
-
-    pool: torch.Tensor  # [P, s]
-    idx: torch.Tensor  # [r, l] int (rows of pool, -1 = zero shard)
-
-
-@dataclass
-class AdapterSpec:
-    """An adapter in the store-neutral form: per layer path, its A and B sides, plus scale."""
-
-    kind: str
-    rank: int
-    scale: float
-    layers: Dict[str, Tuple[_Side, _Side]]
-    # layers sharing pools point at the same tensor objects (dedup on load)
 
 
 def _reshard(pool: torch.Tensor, idx: torch.Tensor, s_store: int):
@@ -191,8 +170,9 @@ class AdapterStore:
     def load(self, name: str, adapter) -> int:
         """Load an adapter as tenant ``name``; returns its slot.
 
-        ``adapter``: a directory saved by ``MoSModel.save_adapter`` (MoS, LoRA or MiSS), a PEFT
-        LoRA directory (adapter_config.json + adapter_model.safetensors), or a ``MoSModel``.
+        ``adapter``: anything :func:`mos_ext.read_adapter` reads: a MoS/MiSS/LoRA-as-shards adapter
+        directory (``save_pretrained``; format 1 too), a PEFT LoRA or PEFT MiSS directory, a
+        ``PeftModel`` holding a MoS adapter, or an AdapterSpec; unsupported parts are refused.
         Everything is validated and converted before the store changes; on any error
         (ValueError, CapacityError) the store and every loaded tenant are as before.
         """
@@ -269,10 +249,6 @@ class AdapterStore:
                 if sd.idx.shape[1] * sd.pool.shape[1] != dim:
                     raise ValueError(f"{path}: side {side} covers {sd.idx.shape[1]} x {sd.pool.shape[1]} features, "
                                      f"the model's layer has {dim}")
-                if sd.idx.numel() and (int(sd.idx.min()) < -1 or int(sd.idx.max()) >= sd.pool.shape[0]):
-                    raise ValueError(f"{path}: table {side} has entries outside [-1, {sd.pool.shape[0]})")
-                if not sd.pool.is_floating_point() or not torch.isfinite(sd.pool).all():
-                    raise ValueError(f"{path}: pool {side} must hold finite floating-point values")
                 s_store = dim // self.slots
                 g = by_key.setdefault((key, side), dict(pools={}, entries=[]))
                 pid = id(sd.pool)
@@ -299,109 +275,5 @@ class AdapterStore:
         return dict(rows=rows_out, tables={p: tuple(v) for p, v in tables.items()})
 
     def _read(self, adapter) -> AdapterSpec:
-        from ..model import MoSModel
-
-        if isinstance(adapter, MoSModel):
-            return _spec_from_mos_model(adapter)
-        if isinstance(adapter, AdapterSpec):
-            return adapter
-        path = os.fspath(adapter)
-        cfg_path = os.path.join(path, "adapter_config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no adapter_config.json in {path}")
-        try:
-            meta = json.load(open(cfg_path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"corrupt adapter config {cfg_path}: {e}") from None
-        if isinstance(meta, dict) and meta.get("format") == "mos_ext":
-            return _spec_from_mos_dir(path, meta, self)
-        if isinstance(meta, dict) and str(meta.get("peft_type", "")).upper() == "LORA":
-            return _spec_from_peft_lora(path, meta)
-        raise ValueError(f"{cfg_path}: neither a mos_ext adapter nor a PEFT LoRA adapter")
-
-
-def _spec_from_tables(kind, rank, scale, pools_a, pools_b, tables_by_type, names_by_type):
-    layers = {}
-    for t, names in names_by_type.items():
-        ia, ib = tables_by_type[t]
-        for k, n in enumerate(names):
-            layers[n] = (_Side(pools_a[t], ia[k]), _Side(pools_b[t], ib[k]))
-    return AdapterSpec(kind=kind, rank=rank, scale=scale, layers=layers)
-
-
-def _spec_from_mos_model(m) -> AdapterSpec:
-    cfg = m.config_mos
-    tables = {}
-    for t, names in m.layer_names.items():
-        mods = [m.base_model.get_submodule(n) for n in names]
-        tables[t] = (torch.stack([x.idx_a[0].cpu() for x in mods]), torch.stack([x.idx_b[0].cpu() for x in mods]))
-    pa = {t: p.A.detach() for t, p in m.pools.items()}
-    pb = {t: p.B.detach() for t, p in m.pools.items()}
-    return _spec_from_tables(cfg.method, cfg.r, cfg.scale, pa, pb, tables, m.layer_names)
-
-
-def _spec_from_mos_dir(path, meta, store) -> AdapterSpec:
-    from safetensors.torch import load_file
-    from safetensors import SafetensorError
-
-    from ..pools import MoSConfig
-
-    try:
-        cfg = MoSConfig.from_dict(meta["config"])
-        types = meta["types"]
-        tensors = load_file(os.path.join(path, "adapter.safetensors"))
-    except (KeyError, TypeError, SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"corrupt adapter at {path}: {e}") from None
-    names_by_type, tables, pa, pb = {}, {}, {}, {}
-    try:
-        for t, info in types.items():
-            names = list(info["layers"])
-            names_by_type[t] = names
-            pa[t], pb[t] = tensors[f"pools.{t}.A"], tensors[f"pools.{t}.B"]
-            tables[t] = (torch.stack([tensors[f"index.{n}.A"] for n in names]),
-                         torch.stack([tensors[f"index.{n}.B"] for n in names]))
-    except (KeyError, RuntimeError) as e:
-        raise ValueError(f"adapter at {path}: missing or inconsistent tensor {e}") from None
-    for t, (ia, ib) in tables.items():
-        if ia.dtype not in (torch.int16, torch.int32, torch.int64):
-            raise ValueError(f"adapter at {path}: index tables of {t!r} must be integers, got {ia.dtype}")
-    return _spec_from_tables(cfg.method, cfg.r, cfg.scale, pa, pb, tables, names_by_type)
-
-
-def _spec_from_peft_lora(path, meta) -> AdapterSpec:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    f = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"no adapter_model.safetensors in {path} (only safetensors PEFT adapters are read)")
-    for unsupported in ("use_dora",):
-        if meta.get(unsupported):
-            raise ValueError(f"PEFT adapter at {path}: {unsupported} is not supported")
-    if meta.get("rank_pattern") or meta.get("alpha_pattern"):
-        raise ValueError(f"PEFT adapter at {path}: rank_pattern/alpha_pattern are not supported")
-    r = int(meta["r"])
-    alpha = float(meta.get("lora_alpha", r))
-    scale = alpha / (r ** 0.5) if meta.get("use_rslora") else alpha / r
-    try:
-        tensors = load_file(f)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"corrupt PEFT adapter weights {f}: {e}") from None
-    layers = {}
-    prefix = "base_model.model."
-    for k, a in tensors.items():
-        if not k.endswith(".lora_A.weight"):
-            continue
-        mod = k[: -len(".lora_A.weight")]
-        bkey = mod + ".lora_B.weight"
-        if bkey not in tensors:
-            raise ValueError(f"PEFT adapter at {path}: {bkey} missing")
-        b = tensors[bkey]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(f"PEFT adapter at {path}: {mod} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} for r={r}")
-        name = mod[len(prefix):] if mod.startswith(prefix) else mod
-        rows = torch.arange(r, dtype=torch.long).reshape(r, 1)
-        layers[name] = (_Side(a, rows), _Side(b.T.contiguous(), rows))
-    if not layers:
-        raise ValueError(f"PEFT adapter at {path} holds no lora_A/lora_B weights")
-    return AdapterSpec(kind="lora", rank=r, scale=scale, layers=layers)
+        dims = {p: self.type_dims[k] for p, k in self.layers.items()}
+        return read_adapter(adapter, dims=dims)
