@@ -187,10 +187,11 @@ def _spec_v2(path: str, meta: dict) -> AdapterSpec:
     layers, used = {}, set()
     for t, paths in cfg.type_layers.items():
         pools = []
-        for side in "AB":
-            k = f"base_model.mos_pool_{side}_{t}"
-            if k not in tensors:
-                raise ValueError(f"adapter at {path}: tensor {k!r} missing")
+        for side in ("A", "B"):
+            cands = [f"base_model.model.shard_pools.mos_{side}_{t}", f"base_model.model.shard_pools.mos_{side}frozen_{t}"]
+            k = next((c for c in cands if c in tensors), None)
+            if k is None:
+                raise ValueError(f"adapter at {path}: tensor {cands[0]!r} missing")
             pools.append(tensors[k])
             used.add(k)
         for p in paths:
@@ -260,8 +261,7 @@ def _spec_from_model(m, adapter_name: str) -> AdapterSpec:
     cfg = tuner.peft_config[adapter_name]
     layers = {}
     for t, paths in cfg.type_layers.items():
-        pa = getattr(tuner, f"mos_pool_A_{t}")[adapter_name].detach()
-        pb = getattr(tuner, f"mos_pool_B_{t}")[adapter_name].detach()
+        pa, pb = (p.detach() for p in tuner.pool_bank().get(adapter_name, t))
         for p in paths:
             lay = tuner.model.get_submodule(p)
             assert isinstance(lay, MoSLinear)

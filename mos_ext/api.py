@@ -96,7 +96,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
     with torch.no_grad():
         for t, paths in types.items():
             for side, col in (("A", 0), ("B", 1)):
-                pool = getattr(tuner, f"mos_pool_{side}_{t}")[adapter_name]
+                pool = tuner.pool_bank().get(adapter_name, t)[col]
                 # this type's pools in the source: its distinct pool tensors, in layer order, stacked
                 order, parts, off = {}, [], 0
                 for p in paths:

@@ -74,14 +74,14 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         self.mos_dropout = nn.ModuleDict({})
         self.mos_scale: Dict[str, float] = {}
         self.mos_r: Dict[str, int] = {}
-        self._mos_pools: Dict[str, tuple] = {}  # name -> (ParameterDict A, ParameterDict B); looked up per call
+        self._mos_pools: Dict[str, tuple] = {}  # name -> (pool bank, type); pools looked up per call
         self._scale_t: Dict[tuple, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
 
     # ------------------------------------------------------------------ adapters
-    def update_layer(self, adapter_name: str, pools_a: nn.ParameterDict, pools_b: nn.ParameterDict,
+    def update_layer(self, adapter_name: str, bank: "MoSPoolBank", ptype: str,
                      idx_a: torch.Tensor, idx_b: torch.Tensor, scale: float, dropout: float) -> None:
         dev = self._base_device()
         self.mos_idx_a[adapter_name] = idx_a.reshape(1, *idx_a.shape[-2:]).to(device=dev, dtype=torch.int32).contiguous()
@@ -89,7 +89,7 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         self.mos_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mos_scale[adapter_name] = float(scale)
         self.mos_r[adapter_name] = int(idx_a.shape[-2])
-        self._mos_pools[adapter_name] = (pools_a, pools_b)
+        self._mos_pools[adapter_name] = (bank, ptype)
         self._scale_t = {}
         self.set_adapter(self.active_adapters)
 
@@ -100,8 +100,9 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         return torch.device("cpu")
 
     def pools(self, adapter_name: str):
-        pa, pb = self._mos_pools[adapter_name]
-        return pa[adapter_name], pb[adapter_name]
+        """(pool A, pool B) of one adapter: the shared tensors, owned by the model's pool bank."""
+        bank, t = self._mos_pools[adapter_name]
+        return bank.get(adapter_name, t)
 
     def _scale_tensor(self, adapter_name: str, device) -> torch.Tensor:
         key = (adapter_name, device)
@@ -183,6 +184,62 @@ class MoSLinear(nn.Module, BaseTunerLayer):
             name = self.merged_adapters.pop()
             if name in self.mos_idx_a:
                 self._apply_delta(-self.get_delta_weight(name))
+
+
+class MoSPoolBank(nn.Module, BaseTunerLayer):
+    """The shared pools of every adapter, registered once on the adapted model as ``shard_pools``.
+
+    Per projection type ``t`` and adapter: ``mos_A_<t>[adapter]``, ``mos_B_<t>[adapter]`` (trainable
+    ParameterDicts); MiSS's frozen identity A pool is a buffer in ``mos_Afrozen_<t>[adapter]``.
+    It is a PEFT tuner layer without a base layer, so that PEFT saves, loads, casts
+    (``autocast_adapter_dtype``) and toggles ``requires_grad`` of the pools like any adapter
+    weight, and so that transformers' ``load_adapter`` (which keeps no tuner object) still holds them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.adapter_layer_names = ()
+        self.other_param_names = ()
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = "default"
+
+    def _container(self, name: str, kind):
+        if not hasattr(self, name):
+            self.add_module(name, kind())
+            if kind is nn.ParameterDict:
+                self.adapter_layer_names = self.adapter_layer_names + (name,)
+            else:
+                self.other_param_names = self.other_param_names + (name,)
+        return getattr(self, name)
+
+    def add(self, adapter_name: str, t: str, a: torch.Tensor, b: torch.Tensor, a_frozen: bool) -> None:
+        if a_frozen:
+            self._container(f"mos_Afrozen_{t}", lambda: BufferDict({}, persistent=True))[adapter_name] = a
+        else:
+            self._container(f"mos_A_{t}", nn.ParameterDict)[adapter_name] = nn.Parameter(a)
+        self._container(f"mos_B_{t}", nn.ParameterDict)[adapter_name] = nn.Parameter(b)
+
+    def get(self, adapter_name: str, t: str):
+        fa = getattr(self, f"mos_Afrozen_{t}", None)
+        a = fa[adapter_name] if fa is not None and adapter_name in fa else getattr(self, f"mos_A_{t}")[adapter_name]
+        return a, getattr(self, f"mos_B_{t}")[adapter_name]
+
+    def items(self, adapter_name: str):
+        """(name, pool) of one adapter, in registration order."""
+        for name in self.adapter_layer_names + self.other_param_names:
+            d = getattr(self, name)
+            if adapter_name in d:
+                yield name, d[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:  # the pools have no base weight
+        return None
+
+    def unmerge(self) -> None:
+        return None
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("MoSPoolBank holds pools; it is not called")
 
 
 def _bnb_add_(layer: nn.Module, dw: torch.Tensor):

@@ -1,14 +1,15 @@
 """MoSModel: the PEFT tuner of MoS / MiSS / LoRA-as-shards adapters.
 
 After ``import mos_ext``, ``peft.get_peft_model(model, mos_ext.MoSConfig(...))`` returns a
-``peft.PeftModel`` whose ``base_model`` is a :class:`MoSModel`. The tuner owns the shared pools
-(per adapter and projection type ``t``: ``mos_pool_A_<t>[adapter] [N_A, s_a]`` and
-``mos_pool_B_<t>[adapter] [N_B, s_b]``); each targeted layer becomes a :class:`MoSLinear` holding
-its int32 index tables. ``save_pretrained`` writes ``adapter_config.json`` (the MoSConfig, with
-``type_layers``: each type's module paths in pool order) and ``adapter_model.safetensors``:
+``peft.PeftModel`` whose ``base_model`` is a :class:`MoSModel`. The shared pools are owned once,
+by a :class:`~mos_ext.layers.MoSPoolBank` registered on the adapted model as ``shard_pools`` (per
+type ``t`` and adapter: ``mos_A_<t>[adapter] [N_A, s_a]``, ``mos_B_<t>[adapter] [N_B, s_b]``;
+MiSS's frozen identity in ``mos_Afrozen_<t>``); each targeted layer becomes a :class:`MoSLinear`
+holding its int32 index tables. ``save_pretrained`` writes ``adapter_config.json`` (the MoSConfig,
+with ``type_layers``: each type's module paths in pool order) and ``adapter_model.safetensors``:
 
-    base_model.mos_pool_A_<type>                       [N_A, s_a]  pool dtype (fp32 by default)
-    base_model.mos_pool_B_<type>                       [N_B, s_b]
+    base_model.model.shard_pools.mos_A_<type>            [N_A, s_a]  pool dtype (fp32 by default)
+    base_model.model.shard_pools.mos_B_<type>            [N_B, s_b]
     base_model.model.<module path>.mos_idx_a           [1, r, l_a] int32
     base_model.model.<module path>.mos_idx_b           [1, r, l_b] int32
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from .config import MoSConfig
 from .integrations.peft import BaseTuner, PREFIX, register
-from .layers import MoSLinear, base_dims
+from .layers import MoSLinear, MoSPoolBank, base_dims
 from .pools import init_pools, sample_tables
 
 
@@ -56,17 +57,15 @@ def _base(mod: nn.Module) -> nn.Module:
     return mod.get_base_layer() if isinstance(mod, MoSLinear) else mod
 
 
-def pool_attr(t: str, side: str) -> str:
-    return f"{PREFIX}pool_{side}_{t}"
-
-
 class MoSModel(BaseTuner):
     """PEFT tuner: shared shard pools per projection type, MoSLinear layers holding index tables."""
 
     prefix = PREFIX
     tuner_layer_cls = MoSLinear
     target_module_mapping: dict = {}
-    uses_shared_state = True
+    # The shared pools live on the adapted model (its shard_pools bank), not on the tuner object, so
+    # transformers' load_adapter (inject_adapter_in_model) keeps them.
+    uses_shared_state = False
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None, **kwargs):
         self._mos_plans: Dict[str, dict] = {}
@@ -113,6 +112,7 @@ class MoSModel(BaseTuner):
                                  f"what target_modules={cfg.target_modules} selects in this model")
         some = next((p for p in self.model.parameters() if p.device.type != "meta"), None)
         device = some.device if some is not None else None
+        bank = self.pool_bank(create=True)
         gen = torch.Generator().manual_seed(cfg.seed)
         plan = {"layers": {}, "types": types}
         for t, group in types.items():
@@ -122,12 +122,7 @@ class MoSModel(BaseTuner):
             dtype = w.dtype if (kind != "bnb" and w is not None and w.is_floating_point()) else torch.float32
             a, b = init_pools(cfg, h, o, len(group), gen=gen, dtype=dtype, device=device)
             ia, ib = sample_tables(cfg, h, o, len(group), gen)
-            for side, val in (("A", a), ("B", b)):
-                attr = pool_attr(t, side)
-                if not hasattr(self, attr):
-                    setattr(self, attr, nn.ParameterDict())
-                trainable = not (side == "A" and cfg.method in ("miss", "miss_mini"))
-                getattr(self, attr)[adapter_name] = nn.Parameter(val, requires_grad=trainable)
+            bank.add(adapter_name, t, a, b, a_frozen=cfg.method in ("miss", "miss_mini"))
             for k, n in enumerate(group):
                 plan["layers"][n] = (t, ia[k], ib[k])
         cfg.type_layers = {t: list(g) for t, g in types.items()}
@@ -146,12 +141,11 @@ class MoSModel(BaseTuner):
         if current_key not in plan["layers"]:
             raise ValueError(f"{current_key} was not planned as a target")
         t, ia, ib = plan["layers"][current_key]
-        pa, pb = getattr(self, pool_attr(t, "A")), getattr(self, pool_attr(t, "B"))
         if isinstance(target, MoSLinear):
             new = target
         else:
             new = MoSLinear(target)
-        new.update_layer(adapter_name, pa, pb, ia, ib, peft_config.scale, peft_config.lora_dropout)
+        new.update_layer(adapter_name, self.pool_bank(), t, ia, ib, peft_config.scale, peft_config.lora_dropout)
         if new is not target:
             self._replace_module(parent, target_name, new, target)
         if adapter_name not in self.active_adapters:
@@ -161,23 +155,29 @@ class MoSModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     # ------------------------------------------------------------------ pools
-    def pool_names(self, adapter_name: str) -> List[str]:
-        return [n for n, m in self.named_children()
-                if n.startswith(PREFIX + "pool_") and isinstance(m, nn.ParameterDict) and adapter_name in m]
+    BANK = "shard_pools"
 
-    def pools(self, adapter_name: str = "default") -> Dict[str, nn.Parameter]:
-        """{attribute name: pool} of one adapter (what the optimizer trains)."""
-        return {n: getattr(self, n)[adapter_name] for n in self.pool_names(adapter_name)}
+    def pool_bank(self, create: bool = False) -> Optional[MoSPoolBank]:
+        """The model's one :class:`MoSPoolBank` (registered on the adapted model as ``shard_pools``)."""
+        bank = getattr(self.model, self.BANK, None)
+        if bank is None and create:
+            bank = MoSPoolBank()
+            self.model.add_module(self.BANK, bank)
+        return bank
+
+    def pools(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+        """{``mos_A_<type>`` / ``mos_B_<type>`` / ``mos_Afrozen_<type>``: pool} of one adapter."""
+        bank = self.pool_bank()
+        return dict(bank.items(adapter_name)) if bank is not None else {}
 
     def _set_pool_grads(self):
-        for n, m in self.named_children():
-            if not (n.startswith(PREFIX + "pool_") and isinstance(m, nn.ParameterDict)):
-                continue
-            for a, p in m.items():
+        bank = self.pool_bank()
+        if bank is None:
+            return
+        for name in bank.adapter_layer_names:
+            for a, p in getattr(bank, name).items():
                 cfg = self.peft_config.get(a)
-                frozen = cfg is None or cfg.inference_mode or a not in self.active_adapters or \
-                    (n.startswith(PREFIX + "pool_A_") and cfg.method in ("miss", "miss_mini"))
-                p.requires_grad_(not frozen)
+                p.requires_grad_(cfg is not None and not cfg.inference_mode and a in self.active_adapters)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for p in model.parameters():
@@ -190,7 +190,7 @@ class MoSModel(BaseTuner):
             if n not in self.peft_config:
                 raise ValueError(f"adapter {n!r} does not exist (adapters: {list(self.peft_config)})")
         for m in self.model.modules():
-            if isinstance(m, MoSLinear):
+            if isinstance(m, (MoSLinear, MoSPoolBank)):
                 if m.merged:
                     m.unmerge()
                 m.set_adapter(adapter_name)
@@ -205,11 +205,11 @@ class MoSModel(BaseTuner):
         masters whatever the base dtype; without it they stay in the base dtype."""
         if not autocast_adapter_dtype:
             return
-        for n in self.pool_names(adapter_name):
-            d = getattr(self, n)
-            p = d[adapter_name]
-            if p.dtype in (torch.float16, torch.bfloat16):
-                d[adapter_name] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+        bank = self.pool_bank()
+        for name in (bank.adapter_layer_names if bank is not None else ()):
+            d = getattr(bank, name)
+            if adapter_name in d and d[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                d[adapter_name] = nn.Parameter(d[adapter_name].detach().float(), requires_grad=d[adapter_name].requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -219,10 +219,8 @@ class MoSModel(BaseTuner):
                 raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
         del self.peft_config[adapter_name]
         for m in self.model.modules():
-            if isinstance(m, MoSLinear):
+            if isinstance(m, (MoSLinear, MoSPoolBank)):
                 m.delete_adapter(adapter_name)
-        for n in self.pool_names(adapter_name):
-            del getattr(self, n)[adapter_name]
         self._mos_plans.pop(adapter_name, None)
         left = [a for a in (self.active_adapters or []) if a != adapter_name]
         self.active_adapter = left if left else (list(self.peft_config)[:1] or [])
@@ -242,8 +240,8 @@ class MoSModel(BaseTuner):
             parent_name, _, leaf = n.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, leaf, m.get_base_layer())
-        for n in [n for n, _ in self.named_children() if n.startswith(PREFIX + "pool_")]:
-            delattr(self, n)
+        if self.pool_bank() is not None:
+            delattr(self.model, self.BANK)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
