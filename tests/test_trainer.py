@@ -127,11 +127,17 @@ def test_trl_sft_trainer_with_mos_peft_config(tmp_path):
 
     rows = [{"input_ids": list(r)} for r in TokenData().ids.tolist()]
     ds = datasets.Dataset.from_list(rows)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={str(i): i for i in range(VOCAB)}, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1", unk_token="0")
     model = tiny_llama()
     a = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, learning_rate=3e-2, max_steps=3,
                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataset_kwargs={"skip_prepare_dataset": False},
                   max_length=16, disable_tqdm=True)
-    tr = SFTTrainer(model=model, args=a, train_dataset=ds, peft_config=cfg())
+    tr = SFTTrainer(model=model, args=a, train_dataset=ds, peft_config=cfg(), processing_class=tokenizer)
     assert isinstance(tr.model, peft.PeftModel)
     assert isinstance(tr.model.base_model, mos_ext.MoSModel)
     before = pools(tr.model)
