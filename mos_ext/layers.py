@@ -65,7 +65,7 @@ class MoSLinear(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("mos_dropout",)
     other_param_names = ("mos_idx_a", "mos_idx_b", "mos_scale", "mos_r", "_mos_pools")
 
-    def __init__(self, base_layer: nn.Module, **kwargs):
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features, self.base_kind = base_dims(base_layer)
@@ -78,7 +78,6 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         self._scale_t: Dict[tuple, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, bank: "MoSPoolBank", ptype: str,

@@ -255,5 +255,13 @@ class MoSModel(BaseTuner):
     def _check_merge_allowed(self):
         return None
 
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path, **kwargs):
+        """Thin face kept from before the PEFT method: :func:`mos_ext.load_adapter` (returns a
+        ``peft.PeftModel``; reads format 1 and 2, PEFT LoRA and PEFT MiSS directories)."""
+        from .api import load_adapter
+
+        return load_adapter(model, path, **kwargs)
+
 
 register(MoSConfig, MoSModel)
