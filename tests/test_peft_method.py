@@ -348,3 +348,33 @@ def test_oldest_supported_peft(tmp_path):
     r = subprocess.run([sys.executable, str(script), "0.18.1"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK 0.18.1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
     assert PEFT_MIN.startswith("0.18")
+
+
+# ---------------------------------------------------------------------------- serving what training writes
+def serve(model, dirs, x=X, names=None):
+    from mos_ext.serving import AdapterStore, MultiTenantModel
+
+    store = AdapterStore(model, capacity_bytes=1 << 22, max_tenants=8, max_rank=8, slots=2)
+    for n, d in dirs.items():
+        store.load(n, d)
+    served = MultiTenantModel(model, store)
+    with torch.no_grad():
+        return served(input_ids=x, adapter_names=names).logits
+
+
+def test_store_serves_format2_peft_lora_and_peft_miss_dirs_like_their_trainers(tmp_path):
+    pm = peft.get_peft_model(llama(), cfg())
+    randomize(pm)
+    pm.save_pretrained(tmp_path / "mos")
+    ref_mos = logits(pm)
+    lora_d, ref_lora = peft_lora_dir(tmp_path)
+    miss_d, ref_miss = peft_miss_dir(tmp_path, True)
+    mini_d, ref_mini = peft_miss_dir(tmp_path, "mini", mini_r=8)
+    dirs = {"mos": tmp_path / "mos", "lora": lora_d, "miss": miss_d, "mini": mini_d}
+    xs = torch.cat([X[:1]] * 5)
+    out = serve(llama(), dirs, xs, names=["mos", "lora", "miss", "mini", None])
+    for i, ref in enumerate([ref_mos, ref_lora, ref_miss, ref_mini, logits(llama())]):
+        torch.testing.assert_close(out[i], ref[0], rtol=1e-4, atol=1e-4)
+    # and a live PeftModel, without saving
+    live = serve(llama(), {"live": pm}, names=["live", "live"])
+    torch.testing.assert_close(live, ref_mos, rtol=1e-4, atol=1e-4)
