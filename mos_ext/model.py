@@ -109,7 +109,8 @@ class MoSModel(BaseTuner):
             if saved != {t: list(v) for t, v in types.items()}:
                 diff = sorted(set(saved) ^ set(types)) or [t for t in types if saved.get(t) != types[t]]
                 raise ValueError(f"this adapter was trained on other layers: its types/layers {diff[:4]} differ from "
-                                 f"what target_modules={cfg.target_modules} selects in this model")
+                                 f"what target_modules={cfg.target_modules} selects in this model (a MoSConfig "
+                                 f"reused for another model architecture needs type_layers=None)")
         some = next((p for p in self.model.parameters() if p.device.type != "meta"), None)
         device = some.device if some is not None else None
         bank = self.pool_bank(create=True)
