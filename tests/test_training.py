@@ -13,7 +13,10 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from mos_ext import MoSConfig, get_mos_model  # noqa: E402
+pytest.importorskip("peft")
+import peft  # noqa: E402
+
+from mos_ext import MoSConfig  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -23,8 +26,13 @@ def build(seed=0):
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
     model = LlamaForCausalLM(cfg)  # a larger init than HF's 0.02 gives the toy base features to adapt
-    return get_mos_model(model, MoSConfig(r=3, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=8,
-                                          lora_dropout=0.0, target_modules=ALL7, seed=1))
+    return peft.get_peft_model(model, MoSConfig(r=3, equivalent_rank=2, shards_per_vector=4, private_rank=1,
+                                                lora_alpha=8, lora_dropout=0.0, target_modules=ALL7, seed=1))
+
+
+def b_pools(model):
+    """The B pool of every projection type (shared by its layers; owned by the PeftModel's tuner)."""
+    return [p for k, p in model.base_model.pools("default").items() if k.startswith("mos_B_")]
 
 
 def batch(seed, n=8, t=16):
@@ -38,7 +46,9 @@ def batch(seed, n=8, t=16):
 def test_short_training_run_loss_drops():
     """Fit one batch with the pools only (the base stays frozen): the loss must fall well."""
     model = build()
-    base_before = {n: p.clone() for n, p in model.base_model.named_parameters()}
+    base_before = {n: p.clone() for n, p in model.named_parameters()}
+    pool_ids = {id(p) for p in model.base_model.pools("default").values()}
+    assert pool_ids == {id(p) for p in model.parameters() if p.requires_grad} and len(pool_ids) == 14
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-2)
     ids = batch(0)
@@ -51,8 +61,8 @@ def test_short_training_run_loss_drops():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
-    assert all(torch.equal(p, base_before[n]) for n, p in model.base_model.named_parameters()
-               if "pools" not in n and not n.endswith(("idx_a", "idx_b")))
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if id(p) not in pool_ids)
+    assert all(not torch.equal(p, base_before[n]) for n, p in model.named_parameters() if id(p) in pool_ids)
 
 
 def test_gradient_checkpointing_same_grads():
@@ -61,11 +71,11 @@ def test_gradient_checkpointing_same_grads():
     for ckpt in (False, True):
         model = build()
         with torch.no_grad():
-            for p in model.pools.values():
-                p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+            for p in b_pools(model):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
         model.train()
         if ckpt:
-            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
@@ -77,8 +87,8 @@ DIST_DEADLINE_S = 300  # each run takes ~10 s on an idle 2-core machine
 
 def _init_b(model):
     with torch.no_grad():
-        for p in model.pools.values():
-            p.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        for p in b_pools(model):
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
     return model
 
 
@@ -99,11 +109,11 @@ def _dist_worker(rank, world, out_dir, mode):
         stage(f"wrap ({mode})")
         if mode == "ddp":
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:  # FSDP2: each decoder layer its own unit, the root owns the shared pools
+        else:  # FSDP2: each decoder layer its own unit, the root (the PeftModel) owns the shared pools
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh("cpu", (world,))
-            for layer in model.base_model.model.layers:
+            for layer in model.base_model.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
         params = [p for p in model.parameters() if p.requires_grad]
