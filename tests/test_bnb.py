@@ -7,9 +7,10 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
+pytest.importorskip("peft")
 from mos_ext import MoSConfig  # noqa: E402
-from mos_ext.layers import MoSLinear  # noqa: E402
-from mos_ext.pools import ShardPools, sample_tables  # noqa: E402
+from mos_ext.layers import MoSLinear, MoSPoolBank  # noqa: E402
+from mos_ext.pools import init_pools, sample_tables  # noqa: E402
 
 
 def nf4_linear(lin):
@@ -26,15 +27,27 @@ def dequant(layer):
     return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
 
 
+class Pools:
+    """The (A, B) pools of one type, as the tuner's pool bank holds them."""
+
+    def __init__(self, bank, t="t"):
+        self.A, self.B = bank.get("default", t)
+
+
 def mos_over(quantize):
-    """A MoSLinear (64 -> 32, nonzero B) over quantize(nn.Linear), and its pools."""
+    """A MoSLinear (64 -> 32, nonzero B, adapter "default") over quantize(nn.Linear), and its pools."""
     torch.manual_seed(0)
     cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1)
-    pools = ShardPools(cfg, 64, 32, 3, gen=torch.Generator().manual_seed(0))
+    bank = MoSPoolBank()
+    a, b = init_pools(cfg, 64, 32, 3, gen=torch.Generator().manual_seed(0))
+    bank.add("default", "t", a, b, a_frozen=False)
+    pools = Pools(bank)
     with torch.no_grad():
         pools.B.normal_(0, 0.05)
     ia, ib = sample_tables(cfg, 64, 32, 3, torch.Generator().manual_seed(1))
-    return MoSLinear(quantize(torch.nn.Linear(64, 32)), pools, ia[0], ib[0], cfg.scale), pools
+    layer = MoSLinear(quantize(torch.nn.Linear(64, 32)))
+    layer.update_layer("default", bank, "t", ia[0], ib[0], cfg.scale, 0.0)
+    return layer, pools
 
 
 @pytest.fixture
@@ -46,30 +59,30 @@ def test_forward_backward_on_nf4_base(qlayer):
     layer, pools = qlayer
     x = torch.randn(6, 64)
     out = layer(x)
-    w = dequant(layer.base)
-    expect = x @ (w + layer.delta_weight()).T + layer.base.bias
+    w = dequant(layer.base_layer)
+    expect = x @ (w + layer.get_delta_weight("default")).T + layer.base_layer.bias
     torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
     out.pow(2).sum().backward()
     assert pools.A.grad is not None and pools.A.grad.abs().sum() > 0
     assert pools.B.grad is not None and pools.B.grad.abs().sum() > 0
-    assert all(p.grad is None for p in layer.base.parameters())
+    assert all(p.grad is None for p in layer.base_layer.parameters())
 
 
 def test_merge_unmerge_requantizes(qlayer):
     layer, _ = qlayer
-    w0 = dequant(layer.base)
-    dw = layer.delta_weight()
+    w0 = dequant(layer.base_layer)
+    dw = layer.get_delta_weight("default")
     layer.merge()
-    assert isinstance(layer.base.weight, bnb.nn.Params4bit)
-    merged = dequant(layer.base)
+    assert isinstance(layer.base_layer.weight, bnb.nn.Params4bit)
+    merged = dequant(layer.base_layer)
     # NF4 keeps ~3.5 bits per block: the merged weight is the requantized W + dW
     step = (w0 + dw).abs().max() / 7
     assert (merged - (w0 + dw)).abs().max() <= step
     x = torch.randn(6, 64)
-    torch.testing.assert_close(layer(x), x @ merged.T + layer.base.bias)
+    torch.testing.assert_close(layer(x), x @ merged.T + layer.base_layer.bias)
     layer.unmerge()
     # two requantizations (merge, unmerge): at most two NF4 steps away
-    assert (dequant(layer.base) - w0).abs().max() <= 2 * step
+    assert (dequant(layer.base_layer) - w0).abs().max() <= 2 * step
 
 
 def int8_linear(lin):
@@ -89,7 +102,7 @@ def dequant8(layer):
 @pytest.fixture
 def int8_layer():
     layer, pools = mos_over(int8_linear)
-    assert layer.base.weight.dtype == torch.int8
+    assert layer.base_layer.weight.dtype == torch.int8
     return layer, pools
 
 
@@ -103,15 +116,15 @@ def test_forward_backward_on_int8_base(int8_layer):
     layer, pools = int8_layer
     x = torch.randn(6, 64)
     out = layer(x)
-    base = layer.base(x)
-    torch.testing.assert_close(out - base, x @ layer.delta_weight().T, rtol=1e-4,
+    base = layer.base_layer(x)
+    torch.testing.assert_close(out - base, x @ layer.get_delta_weight("default").T, rtol=1e-4,
                                atol=1e-5)
     # LLM.int8 quantizes the activations too: compare to the dequantized weight within int8 error
-    assert (base - (x @ dequant8(layer.base).T + layer.base.bias)).abs().max() < 0.05
+    assert (base - (x @ dequant8(layer.base_layer).T + layer.base_layer.bias)).abs().max() < 0.05
     out.pow(2).sum().backward()
     assert pools.A.grad is not None and pools.A.grad.abs().sum() > 0
     assert pools.B.grad is not None and pools.B.grad.abs().sum() > 0
-    assert all(p.grad is None for p in layer.base.parameters())
+    assert all(p.grad is None for p in layer.base_layer.parameters())
 
 
 @pytest.mark.parametrize("forward_first", [False, True], ids=["fresh", "after_forward"])
@@ -119,19 +132,19 @@ def test_merge_unmerge_int8_requantizes(int8_layer, forward_first):
     layer, _ = int8_layer
     if forward_first:  # bnb moves CB/SCB from the weight into layer.state on the first forward
         layer(torch.randn(2, 64))
-    w0 = dequant8(layer.base)
-    dw = layer.delta_weight()
+    w0 = dequant8(layer.base_layer)
+    dw = layer.get_delta_weight("default")
     # the merge must move the weight by far more than the rounding, or the checks below could not fail
     assert (dw.abs().amax(dim=1, keepdim=True) > 10 * int8_step(w0)).all()
     layer.merge()
-    assert isinstance(layer.base.weight, bnb.nn.Int8Params) and layer.base.weight.dtype == torch.int8
-    merged = dequant8(layer.base)
+    assert isinstance(layer.base_layer.weight, bnb.nn.Int8Params) and layer.base_layer.weight.dtype == torch.int8
+    merged = dequant8(layer.base_layer)
     assert ((merged - (w0 + dw)).abs() <= int8_step(w0 + dw)).all()
     x = torch.randn(6, 64)
     y = layer(x)  # merged: the adapter path is off, the base carries W + dW
-    ref = x @ (w0 + dw).T + layer.base.bias
+    ref = x @ (w0 + dw).T + layer.base_layer.bias
     assert (y - ref).abs().max() < 0.05
     layer.unmerge()
-    back = dequant8(layer.base)
+    back = dequant8(layer.base_layer)
     assert ((back - w0).abs() <= int8_step(w0 + dw) + int8_step(w0)).all()
-    torch.testing.assert_close(layer(x), x @ (back + dw).T + layer.base.bias, rtol=0, atol=0.05)
+    torch.testing.assert_close(layer(x), x @ (back + dw).T + layer.base_layer.bias, rtol=0, atol=0.05)
