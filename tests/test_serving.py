@@ -1,7 +1,7 @@
 """Multi-tenant serving: AdapterStore (load/unload/capacity/validation) and MultiTenantModel
 (isolation: each sequence of a mixed batch equals its tenant served alone)."""
+import copy
 import json
-import os
 import random
 
 import pytest
@@ -10,7 +10,9 @@ import torch
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from mos_ext import MoSConfig, get_mos_model  # noqa: E402
+peft = pytest.importorskip("peft")
+
+from mos_ext import MoSConfig  # noqa: E402
 from mos_ext.serving import AdapterStore, CapacityError, MultiTenantModel  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,6 +29,15 @@ CONFIGS = {
 }
 
 
+def mos_model(model, name):
+    """A PeftModel with the MoS adapter CONFIGS[name] (a copy: injection fills in the config's type_layers)."""
+    return peft.get_peft_model(model, copy.deepcopy(CONFIGS[name]))
+
+
+def trainable(pm) -> int:
+    return sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
 def tiny(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -36,16 +47,17 @@ def tiny(seed=0):
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """name -> (directory, MoSModel serving it alone)."""
+    """name -> (directory written by save_pretrained, PeftModel serving it alone)."""
     out = {}
-    for i, (name, cfg) in enumerate(CONFIGS.items()):
-        m = get_mos_model(tiny(), cfg)
+    for i, name in enumerate(CONFIGS):
+        m = mos_model(tiny(), name)
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
-            for p in m.pools.values():
-                p.B.copy_(torch.randn(p.B.shape, generator=g) * 0.2)
+            for k, p in m.base_model.pools("default").items():
+                if k.startswith("mos_B_"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         d = tmp_path_factory.mktemp(name)
-        m.save_adapter(str(d))
+        m.save_pretrained(str(d))
         out[name] = (str(d), m.eval())
     return out
 
@@ -133,7 +145,7 @@ def test_store_memory_is_compressed_size(adapters):
     store = make_store(tiny())
     for name, (d, m) in adapters.items():
         store.load(name, d)
-        full = m.num_trainable_parameters() * 4
+        full = trainable(m) * 4
         if name == "lora":
             assert store.memory_bytes(name) == full
         elif name.startswith("mos"):
@@ -144,7 +156,7 @@ def test_store_memory_is_compressed_size(adapters):
 
 
 def test_capacity_unload_and_reuse(adapters):
-    one = get_mos_model(tiny(), CONFIGS["mos_a"]).num_trainable_parameters() * 4
+    one = trainable(mos_model(tiny(), "mos_a")) * 4
     store = make_store(tiny(), capacity_bytes=int(one * 2.5))
     mt = MultiTenantModel(tiny(), store)
     store.load("t1", adapters["mos_a"][0])
@@ -182,17 +194,19 @@ def test_bad_adapters_change_nothing(adapters, tmp_path):
 
         d = tmp_path / name
         shutil.copytree(adapters["mos_a"][0], d)
-        t = load_file(str(d / "adapter.safetensors"))
+        t = load_file(str(d / "adapter_model.safetensors"))
         edit(t, d)
-        save_file(t, str(d / "adapter.safetensors"))
+        save_file(t, str(d / "adapter_model.safetensors"))
         return str(d)
 
+    pool = "base_model.model.shard_pools.mos_{}_{}".format
     cases = [
-        (broken("nan", lambda t, d: t["pools.q_proj.B"].fill_(float("nan"))), ValueError, "finite"),
-        (broken("range", lambda t, d: t["index.model.layers.1.mlp.up_proj.A"].fill_(10**5)), ValueError, "outside"),
-        (broken("missing", lambda t, d: t.pop("pools.k_proj.A")), ValueError, "missing"),
+        (broken("nan", lambda t, d: t[pool("B", "q_proj")].fill_(float("nan"))), ValueError, "finite"),
+        (broken("range", lambda t, d: t["base_model.model.model.layers.1.mlp.up_proj.mos_idx_a"].fill_(10**5)),
+         ValueError, "outside"),
+        (broken("missing", lambda t, d: t.pop(pool("A", "k_proj"))), ValueError, "missing"),
         (adapters["lora"][0], ValueError, "max_rank"),  # r=6 > 5
-        (str(tmp_path / "nowhere"), FileNotFoundError, "adapter_config"),
+        (str(tmp_path / "nowhere"), FileNotFoundError, "nowhere.*does not exist|adapter_config"),
     ]
     bad_json = tmp_path / "badjson"
     bad_json.mkdir()
@@ -201,10 +215,10 @@ def test_bad_adapters_change_nothing(adapters, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    cases.append((str(other), ValueError, "neither"))
-    wrong_model = get_mos_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96,
-                                                             num_hidden_layers=3, num_attention_heads=4,
-                                                             num_key_value_heads=2)), CONFIGS["mos_a"])
+    cases.append((str(other), ValueError, "IA3.*not supported"))
+    wrong_model = mos_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96,
+                                                         num_hidden_layers=3, num_attention_heads=4,
+                                                         num_key_value_heads=2)), "mos_a")
     cases.append((wrong_model, ValueError, "features"))
     for src, exc, msg in cases:
         with pytest.raises(exc, match=msg):
