@@ -1,15 +1,17 @@
-"""Fine-tune a tiny Llama (built from a config, no downloads) with MoS, save the adapter at
-its compressed size, reload it, merge it, and export it as a PEFT LoRA.
+"""Fine-tune a tiny Llama (built from a config, no downloads) with MoS as a PEFT method, save the
+adapter at its compressed size, reload it, merge it, and export it as a PEFT LoRA.
 
     python examples/train_tiny_llama.py [--steps 60] [--out /tmp/mos_example]
 """
 import argparse
 import os
 
+import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mos_ext import MoSConfig, MoSModel, get_mos_model
+import mos_ext  # registers MoS as a PEFT method
+from mos_ext import MoSConfig
 
 
 def tiny_llama(seed=0):
@@ -36,8 +38,8 @@ def main(argv=None):
     # 4 layers: (r - p) * l = 12 shared shards per layer fit the public pool (e - p) * L * l = 16
     cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=8, lora_dropout=0.05,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_mos_model(tiny_llama(), cfg)
-    print(f"trainable parameters: {model.num_trainable_parameters():,}")
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    print(f"trainable parameters: {model.get_nb_trainable_parameters()[0]:,}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-2)
     model.train()
@@ -56,23 +58,23 @@ def main(argv=None):
     with torch.no_grad():
         ref = model(held_out).logits
     adapter_dir = os.path.join(a.out, "adapter")
-    model.save_adapter(adapter_dir)
-    size = os.path.getsize(os.path.join(adapter_dir, "adapter.safetensors"))
+    model.save_pretrained(adapter_dir)  # adapter_config.json + adapter_model.safetensors (pools + int32 tables)
+    size = os.path.getsize(os.path.join(adapter_dir, "adapter_model.safetensors"))
     print(f"adapter saved to {adapter_dir}: {size:,} bytes")
 
-    reloaded = MoSModel.from_pretrained(tiny_llama(), adapter_dir).eval()
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), adapter_dir).eval()
     with torch.no_grad():
         same = torch.equal(reloaded(held_out).logits, ref)
     print(f"reloaded adapter gives identical logits: {same}")
 
-    model.merge()
+    model.merge_adapter()
     with torch.no_grad():
         err = (model(held_out).logits - ref).abs().max().item()
     print(f"merged: max |logit difference| = {err:.2e}")
-    model.unmerge()
+    model.unmerge_adapter()
 
     lora_dir = os.path.join(a.out, "lora")
-    model.export_lora(lora_dir)
+    mos_ext.export_lora(model, lora_dir)
     lora_size = os.path.getsize(os.path.join(lora_dir, "adapter_model.safetensors"))
     print(f"exported as PEFT LoRA to {lora_dir}: {lora_size:,} bytes ({lora_size / size:.1f}x the MoS adapter)")
     return 0 if same and err < 1e-3 else 1

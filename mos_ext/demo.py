@@ -69,7 +69,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from tqdm.auto import tqdm
 
-    from . import MoSConfig, get_mos_model
+    import peft
+
+    from . import MoSConfig
     from .serving import AdapterStore, MultiTenantModel
 
     dev = torch.device(a.device)
@@ -83,7 +85,7 @@ def main(argv=None):
     bar = tqdm(total=len(TENANTS) * a.steps, desc="fine-tuning tenants", unit="step")
     for name, task, kw in TENANTS:
         cfg = MoSConfig(target_modules=ALL7, lora_alpha=16, seed=len(rows), **kw)
-        model = get_mos_model(tiny_llama().to(dev), cfg)
+        model = peft.get_peft_model(tiny_llama().to(dev), cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
         model.train()
@@ -101,10 +103,10 @@ def main(argv=None):
             bar.set_postfix(tenant=name, loss=f"{last:.3f}")
         model.eval()
         path = os.path.join(out_dir, name)
-        model.save_adapter(path)
-        size = os.path.getsize(os.path.join(path, "adapter.safetensors"))
+        model.save_pretrained(path)  # adapter_config.json + adapter_model.safetensors: pools + int32 tables
+        size = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
         tuned[name] = (model, task, path)
-        rows.append((name, task, model.num_trainable_parameters(), size, first, last))
+        rows.append((name, task, model.get_nb_trainable_parameters()[0], size, first, last))
     bar.close()
 
     print(f"\n{'tenant':16s} {'task':13s} {'trainable':>10s} {'file bytes':>11s} {'loss start':>10s} {'loss end':>9s}")

@@ -12,3 +12,6 @@ def test_demo_runs(capsys, tmp_path):
     assert "isolation:" in out and "-> OK" in out
     assert "per 80 GB" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t[0] for t in demo.TENANTS)
+    for name, _, _ in demo.TENANTS:  # each tenant saved by save_pretrained (format 2)
+        assert (tmp_path / name / "adapter_model.safetensors").is_file()
+        assert (tmp_path / name / "adapter_config.json").is_file()

@@ -17,5 +17,6 @@ def test_train_tiny_llama_example(tmp_path, capsys):
     assert mod.main(["--steps", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "reloaded adapter gives identical logits: True" in out
-    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
