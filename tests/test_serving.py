@@ -201,10 +201,11 @@ def test_bad_adapters_change_nothing(adapters, tmp_path):
 
     pool = "base_model.model.shard_pools.mos_{}_{}".format
     cases = [
-        (broken("nan", lambda t, d: t[pool("B", "q_proj")].fill_(float("nan"))), ValueError, "finite"),
-        (broken("range", lambda t, d: t["base_model.model.model.layers.1.mlp.up_proj.mos_idx_a"].fill_(10**5)),
+        # neutral directory names: the message itself must name the problem
+        (broken("b0", lambda t, d: t[pool("B", "q_proj")].fill_(float("nan"))), ValueError, "finite"),
+        (broken("b1", lambda t, d: t["base_model.model.model.layers.1.mlp.up_proj.mos_idx_a"].fill_(10**5)),
          ValueError, "outside"),
-        (broken("missing", lambda t, d: t.pop(pool("A", "k_proj"))), ValueError, "missing"),
+        (broken("b2", lambda t, d: t.pop(pool("A", "k_proj"))), ValueError, "missing"),
         (adapters["lora"][0], ValueError, "max_rank"),  # r=6 > 5
         (str(tmp_path / "nowhere"), FileNotFoundError, "nowhere.*does not exist|adapter_config"),
     ]
