@@ -50,7 +50,8 @@ def main():
         torch.set_num_threads(a.threads)
     import peft
 
-    from mos_ext import MoSConfig, get_mos_model
+    import mos_ext
+    from mos_ext import MoSConfig
     from mos_ext.serving import AdapterStore, MultiTenantModel
 
     dev = torch.device(a.device)
@@ -62,23 +63,24 @@ def main():
     # one MoS and one LoRA adapter file, loaded under many tenant names (contents do not
     # change the timing; each tenant gets its own rows and slot in the store)
     mos_cfg = MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1, target_modules=ALL7)
-    m = get_mos_model(base(a.hidden, a.layers, "cpu"), mos_cfg)
-    with torch.no_grad():
-        for p in m.pools.values():
-            p.B.normal_(0, 0.01)
-    m.save_adapter(os.path.join(tmp, "mos"))
+    def nonzero_b(pm):
+        with torch.no_grad():
+            for k, p in pm.base_model.pools("default").items():
+                if k.startswith("mos_B_"):
+                    p.normal_(0, 0.01)
+        return pm
+
+    m = nonzero_b(peft.get_peft_model(base(a.hidden, a.layers, "cpu"), mos_cfg))
+    m.save_pretrained(os.path.join(tmp, "mos"))
     lora_cfg = MoSConfig(r=16, method="lora", lora_alpha=32, target_modules=ALL7)
-    m = get_mos_model(base(a.hidden, a.layers, "cpu"), lora_cfg)
-    with torch.no_grad():
-        for p in m.pools.values():
-            p.B.normal_(0, 0.01)
-    m.save_adapter(os.path.join(tmp, "lora_mos_format"))
-    m.export_lora(os.path.join(tmp, "lora_peft"))
+    m = nonzero_b(peft.get_peft_model(base(a.hidden, a.layers, "cpu"), lora_cfg))
+    m.save_pretrained(os.path.join(tmp, "lora_mos_format"))
+    mos_ext.export_lora(m, os.path.join(tmp, "lora_peft"))
 
     def make_served(kind, n):
         model = base(a.hidden, a.layers, dev)
         src = os.path.join(tmp, kind)
-        per_tenant = os.path.getsize(os.path.join(src, "adapter.safetensors"))
+        per_tenant = os.path.getsize(os.path.join(src, "adapter_model.safetensors"))
         store = AdapterStore(model, capacity_bytes=int(per_tenant * n * 1.25) + (1 << 20), max_tenants=n, max_rank=16)
         for t in range(n):
             store.load(f"t{t}", src)

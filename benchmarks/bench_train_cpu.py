@@ -12,6 +12,7 @@ backward (activations, each storage once) per method; trainable state is 4 bytes
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -23,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mos_ext
-from mos_ext import MoSConfig, get_mos_model
+from mos_ext import MoSConfig
 from mos_ext.layers import MoSLinear
 
 
@@ -38,14 +39,16 @@ def base(args):
     return LlamaForCausalLM(cfg)
 
 
-def naive_delta(self, x):
-    """MoS the way the official code computes it: materialize A, B, let autograd scatter."""
+def naive_delta(self, x, adapter_name):
+    """MoS the way the official code computes it: materialize A, B, let autograd scatter
+    (replaces MoSLinear.delta of one adapter)."""
     lead = x.shape[:-1]
     xs = x.reshape(-1, self.in_features)
-    pools = self._pools
-    A = pools.A[self.idx_a[0].long()].reshape(self.r, self.in_features).to(xs.dtype)
-    Bt = pools.B[self.idx_b[0].long()].reshape(self.r, self.out_features).to(xs.dtype)
-    return (self.scale.to(xs.dtype) * (xs @ A.T) @ Bt).reshape(*lead, self.out_features)
+    pa, pb = self.pools(adapter_name)
+    r = self.mos_r[adapter_name]
+    A = pa[self.mos_idx_a[adapter_name][0].long()].reshape(r, self.in_features).to(xs.dtype)
+    Bt = pb[self.mos_idx_b[adapter_name][0].long()].reshape(r, self.out_features).to(xs.dtype)
+    return (self.mos_scale[adapter_name] * (xs @ A.T) @ Bt).reshape(*lead, self.out_features)
 
 
 def saved_bytes(model, ids, autocast):
@@ -76,10 +79,11 @@ def build_models(a, r, e, only=None):
         models["peft_lora"] = peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL7))
     cfg = MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1, lora_alpha=2 * r,
                     target_modules=ALL7)
+    # one config object per model: injection fills in its type_layers
     if only in (None, "mos"):
-        models["mos"] = get_mos_model(base(a), cfg)
+        models["mos"] = peft.get_peft_model(base(a), copy.deepcopy(cfg))
     if only in (None, "mos_naive"):
-        models["mos_naive"] = get_mos_model(base(a), cfg)
+        models["mos_naive"] = peft.get_peft_model(base(a), copy.deepcopy(cfg))
         for mod in models["mos_naive"].modules():
             if isinstance(mod, MoSLinear):
                 mod.delta = types.MethodType(naive_delta, mod)
