@@ -50,6 +50,8 @@ class AdapterSpec:
     config: Optional[object] = None
     types: Dict[str, List[str]] = field(default_factory=dict)
     source: str = ""
+    # projection type -> (in_features, out_features) of its layers, when the format implies them
+    type_dims: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
 
 # PEFT LoRA config keys that change what the adapter computes, which mos_ext does not apply.
@@ -133,7 +135,30 @@ def read_adapter(src, adapter_name: str = "default", dims: Optional[Dict[str, Tu
             raise ValueError(f"PEFT MiSS adapter at {path}: reading it needs the model's layer dims")
         complete_miss(spec, dims)
     _validate(spec, path)
+    if dims is not None:
+        check_dims(spec, dims)
     return spec
+
+
+def check_dims(spec: AdapterSpec, dims: Dict[str, Tuple[int, int]]) -> None:
+    """Refuse ``spec`` for a model whose layers (module path -> (in_features, out_features)) are
+    missing or of other sizes than the adapter was saved for, naming both."""
+    for t, paths in (spec.types or {p: [p] for p in spec.layers}).items():
+        want = spec.type_dims.get(t)
+        for p in paths:
+            if p not in dims:
+                raise ValueError(f"adapter at {spec.source}: it adapts {p!r}, which is not an adaptable layer of the "
+                                 f"model")
+            if want is None:  # PEFT LoRA: dims from the matrices
+                sa, sb = spec.layers[p]
+                if sa.idx is None or sb.idx is None:
+                    continue
+                want_p = (sa.pool.shape[1] * sa.idx.shape[1], sb.pool.shape[1] * sb.idx.shape[1])
+            else:
+                want_p = want
+            if tuple(dims[p]) != tuple(want_p):
+                raise ValueError(f"adapter at {spec.source}: layer {p} of the model has in/out features "
+                                 f"{tuple(dims[p])}, the adapter was saved for {tuple(want_p)}")
 
 
 def _validate(spec: AdapterSpec, where: str):
@@ -184,7 +209,7 @@ def _spec_v2(path: str, meta: dict) -> AdapterSpec:
     if not cfg.type_layers:
         raise ValueError(f"adapter config at {path}: type_layers is missing")
     tensors = _load_tensors(path, WEIGHTS_V2)
-    layers, used = {}, set()
+    layers, used, type_dims = {}, set(), {}
     for t, paths in cfg.type_layers.items():
         pools = []
         for side in ("A", "B"):
@@ -204,9 +229,37 @@ def _spec_v2(path: str, meta: dict) -> AdapterSpec:
                 idx.append(v.reshape(v.shape[-2:]) if v.dim() == 3 and v.shape[0] == 1 else v)
                 used.add(k)
             layers[p] = (Side(pools[0], idx[0]), Side(pools[1], idx[1]))
+        type_dims[t] = _check_layout_v2(cfg, t, paths, layers, path)
     _check_used(tensors, used, path)
     return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg,
-                       types={t: list(v) for t, v in cfg.type_layers.items()})
+                       types={t: list(v) for t, v in cfg.type_layers.items()}, type_dims=type_dims)
+
+
+def _check_layout_v2(cfg, t: str, paths: List[str], layers: dict, where: str) -> Tuple[int, int]:
+    """A format-2 file does not store layer sizes: they follow from a pool's shard length times a
+    table's shards per vector (in = s_a * l_a, out = s_b * l_b for every method). Check that the
+    pools and tables are exactly what ``cfg.layout`` gives for those sizes and this many layers."""
+    sa, sb = layers[paths[0]]
+    for side, sd in (("A", sa), ("B", sb)):
+        if sd.pool.dim() != 2 or sd.idx.dim() != 2:
+            raise ValueError(f"adapter at {where}: {t} pool {side} {tuple(sd.pool.shape)} / table "
+                             f"{tuple(sd.idx.shape)} must be 2-D (pool [rows, shard length], table [r, l])")
+    h, o = sa.pool.shape[1] * sa.idx.shape[1], sb.pool.shape[1] * sb.idx.shape[1]
+    try:
+        cfg.check_type(t, h, o, len(paths))
+    except ValueError as e:
+        raise ValueError(f"adapter config at {where}: {e}") from None
+    n_a, s_a, l_a, n_b, s_b, l_b = cfg.layout(h, o, len(paths))
+    for side, sd, shape in (("A", sa, (n_a, s_a)), ("B", sb, (n_b, s_b))):
+        if tuple(sd.pool.shape) != shape:
+            raise ValueError(f"adapter at {where}: {t} pool {side} has shape {tuple(sd.pool.shape)}, expected {shape} "
+                             f"for {len(paths)} layers of in/out features {(h, o)} under its config")
+    for p in paths:
+        for side, sd, l in (("a", layers[p][0], l_a), ("b", layers[p][1], l_b)):
+            if tuple(sd.idx.shape) != (cfg.r, l):
+                raise ValueError(f"adapter at {where}: {p}.mos_idx_{side} has shape {tuple(sd.idx.shape)}, expected "
+                                 f"[1, {cfg.r}, {l}]")
+    return h, o
 
 
 def _spec_v1(path: str, meta: dict) -> AdapterSpec:
@@ -245,7 +298,8 @@ def _spec_v1(path: str, meta: dict) -> AdapterSpec:
                 used.add(k)
             layers[p] = (Side(pools[0], idx[0]), Side(pools[1], idx[1]))
     _check_used(tensors, used, path)
-    return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg, types=types)
+    return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg, types=types,
+                       type_dims=dims)
 
 
 def _spec_from_model(m, adapter_name: str) -> AdapterSpec:

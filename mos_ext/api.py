@@ -68,7 +68,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
         if isinstance(meta, dict) and str(meta.get("peft_type") or "").upper() == "MOS":
-            read_adapter(path)  # validate first: clear errors, model untouched
+            read_adapter(path, dims=_layer_dims(model))  # validate against this model first: model untouched
             return peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
                                                   **kwargs)
     spec = read_adapter(path, dims=_layer_dims(model))

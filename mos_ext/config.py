@@ -95,6 +95,23 @@ class MoSConfig(PeftConfig):
              "target_modules", "seed", "tie_indices", "method", "mini_r")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "MoSConfig":
+        """PEFT's config loader, plus: a local adapter directory is read and validated whole
+        (:func:`mos_ext.read_adapter`) before PEFT touches any model, so ``PeftModel.from_pretrained``
+        and ``PeftModel.load_adapter`` refuse a corrupt or inconsistent adapter by name. The layer sizes
+        the adapter was saved for are kept on the config (not saved) and checked at injection."""
+        import os
+
+        cfg = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if isinstance(cfg, MoSConfig) and os.path.isdir(os.fspath(path)):
+            from .adapter_io import read_adapter
+
+            spec = read_adapter(os.fspath(path))
+            cfg.saved_dims = dict(spec.type_dims)
+        return cfg
+
+    @classmethod
     def from_dict(cls, d: dict) -> "MoSConfig":
         """Build from a plain dict of hyper-parameters (format 1's "config"), refusing unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}

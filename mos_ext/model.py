@@ -111,14 +111,27 @@ class MoSModel(BaseTuner):
                 raise ValueError(f"this adapter was trained on other layers: its types/layers {diff[:4]} differ from "
                                  f"what target_modules={cfg.target_modules} selects in this model (a MoSConfig "
                                  f"reused for another model architecture needs type_layers=None)")
-        some = next((p for p in self.model.parameters() if p.device.type != "meta"), None)
-        device = some.device if some is not None else None
+        # every check before anything is created: a refused adapter leaves the model as it was
+        saved = getattr(cfg, "saved_dims", None) or {}
+        for t, group in types.items():
+            h, o, _ = base_dims(_base(self.model.get_submodule(group[0])))
+            cfg.check_type(t, h, o, len(group))
+            if t in saved and tuple(saved[t]) != (h, o):
+                raise ValueError(f"this adapter was saved for {t} layers of in/out features {tuple(saved[t])}; this "
+                                 f"model's {t} layers have {(h, o)}")
+        params = list(self.model.parameters())
+        some = next((p for p in params if p.device.type != "meta"), None)
+        if some is not None:
+            device = some.device
+        elif params:  # a model built on meta: pools on meta too (shapes only)
+            device = torch.device("meta")
+        else:
+            device = None
         bank = self.pool_bank(create=True)
         gen = torch.Generator().manual_seed(cfg.seed)
         plan = {"layers": {}, "types": types}
         for t, group in types.items():
             h, o, kind = base_dims(_base(self.model.get_submodule(group[0])))
-            cfg.check_type(t, h, o, len(group))
             w = getattr(_base(self.model.get_submodule(group[0])), "weight", None)
             dtype = w.dtype if (kind != "bnb" and w is not None and w.is_floating_point()) else torch.float32
             a, b = init_pools(cfg, h, o, len(group), gen=gen, dtype=dtype, device=device)

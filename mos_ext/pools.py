@@ -49,6 +49,8 @@ def init_pools(cfg: MoSConfig, h: int, o: int, L: int, gen: Optional[torch.Gener
     """Initial pools ``(A [N_A, s_a], B [N_B, s_b])`` of one type (MOS.md §2): ``A ~ U(-1/sqrt(h), 1/sqrt(h))``
     (LoRA's bound for the full in-dim), ``B = 0``; MiSS: ``A`` is the frozen identity ``I_r``."""
     n_a, s_a, _, n_b, s_b, _ = cfg.layout(h, o, L)
+    if device is not None and torch.device(device).type == "meta":  # shapes only (a model built on meta)
+        return (torch.empty(n_a, s_a, dtype=dtype, device="meta"), torch.empty(n_b, s_b, dtype=dtype, device="meta"))
     if cfg.method in ("miss", "miss_mini"):
         a = torch.eye(n_a, dtype=torch.float64)
     else:

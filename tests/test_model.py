@@ -72,6 +72,8 @@ def test_llama2_7b_counts(e, r, p, expected):
                           MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=p, target_modules=ALL7))
     assert trainable(model) == expected
     assert model.get_nb_trainable_parameters()[0] == expected
+    # a model on meta gets its pools on meta: nothing of pool size is materialized on the host
+    assert all(p.device.type == "meta" for p in model.base_model.pool_bank().parameters())
 
 
 def test_llama32_3b_count():
