@@ -5,6 +5,7 @@ Model: a Llama built from a config (no downloads) with LLaMA-like proportions, a
 projections adapted; batch of --batch x --seq tokens, fp32 (and bf16 autocast).
 
     python benchmarks/bench_train_cpu.py [--quick]
+    python benchmarks/bench_train_cpu.py --trainer      # the Trainer-level row only
 Prints a table and writes benchmarks/out/train_cpu.json. Memory: the bytes autograd saves for
 backward (activations, each storage once) per method; trainable state is 4 bytes x params x 4
 (weights, grads, two AdamW moments).
@@ -157,9 +158,81 @@ def round_robin_times(models, ids, reps, autocast):
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
+def trainer_step_times(a, r, e, rounds, steps):
+    """Median ms of one ``transformers.Trainer`` optimizer step (forward, backward, AdamW, zero_grad,
+    Trainer's own bookkeeping), MoS vs PEFT LoRA at equal r: each round runs ``steps`` steps of each
+    model's Trainer in turn, so both see the same machine load. Step time = on_step_begin to on_step_end."""
+    import tempfile
+
+    import peft
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.samples, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.samples.append(time.perf_counter() - self.t0)
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 1024, (a.batch * steps, a.seq), generator=g)]
+    models = {
+        "peft_lora": peft.get_peft_model(base(a), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=ALL7)),
+        "mos": peft.get_peft_model(base(a), MoSConfig(r=r, equivalent_rank=e, shards_per_vector=4, private_rank=1,
+                                                      lora_alpha=2 * r, target_modules=ALL7)),
+    }
+    clocks = {k: Clock() for k in models}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            k: Trainer(model=m, args=TrainingArguments(output_dir=os.path.join(tmp, k), max_steps=steps,
+                                                       per_device_train_batch_size=a.batch, learning_rate=1e-4,
+                                                       logging_strategy="no", save_strategy="no", report_to=[],
+                                                       use_cpu=True, dataloader_num_workers=0, disable_tqdm=True),
+                       train_dataset=data, callbacks=[clocks[k]])
+            for k, m in models.items()}
+        for k in trainers:  # warm-up round, not timed
+            trainers[k].train()
+            clocks[k].samples.clear()
+        for _ in range(rounds):
+            for k in trainers:
+                trainers[k].train()
+    params = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    return {k: statistics.median(c.samples) * 1e3 for k, c in clocks.items()}, params, {k: len(c.samples)
+                                                                                         for k, c in clocks.items()}
+
+
+def trainer_main(a):
+    r, e = a.trainer_r, a.trainer_e
+    times, params, n = trainer_step_times(a, r, e, a.trainer_rounds, a.trainer_steps)
+    ratio = times["mos"] / times["peft_lora"]
+    print(f"Trainer step, fp32, r={r} (MoS e={e} l=4 p=1), {a.batch}x{a.seq} tokens, {torch.get_num_threads()} "
+          f"thread(s): peft-lora {times['peft_lora']:.1f} ms ({params['peft_lora']:,} p)  mos {times['mos']:.1f} ms "
+          f"({params['mos']:,} p)  mos/lora {ratio:.3f}x  (median of {n['mos']} steps each)", flush=True)
+    out = a.out or os.path.join(os.path.dirname(__file__), "out", "train_cpu_trainer.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), torch=torch.__version__,
+                model=dict(hidden=a.hidden, inter=a.inter, layers=a.layers, batch=a.batch, seq=a.seq),
+                command="python " + " ".join(sys.argv))
+    row = dict(r=r, e=e, steps_timed=n, **{f"{k}_ms": v for k, v in times.items()},
+               **{f"{k}_params": v for k, v in params.items()}, mos_over_lora=ratio)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=[row]), f, indent=1)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--trainer", action="store_true",
+                    help="only the Trainer-level row: a transformers.Trainer step of MoS vs PEFT LoRA at equal r")
+    ap.add_argument("--trainer-r", type=int, default=16)
+    ap.add_argument("--trainer-e", type=int, default=4)
+    ap.add_argument("--trainer-rounds", type=int, default=5)
+    ap.add_argument("--trainer-steps", type=int, default=3, help="steps per model per round")
+    ap.add_argument("--out", default=None, help="JSON path of the --trainer row")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--inter", type=int, default=2048)
@@ -169,6 +242,9 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.trainer:
+        trainer_main(a)
+        return
     reps = 3 if a.quick else 7
 
     ids = torch.randint(0, 1024, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))

@@ -167,3 +167,22 @@ def test_trainer_with_bitsandbytes_4bit_base(tmp_path):
     tr.train()
     after = pools(pm)
     assert any(not torch.equal(before[k], after[k]) for k in after if "mos_B_" in k)
+
+
+def test_bench_trainer_row_runs(tmp_path):
+    """benchmarks/bench_train_cpu.py --trainer at toy size: both Trainers step, the JSON row is written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "row.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_train_cpu.py"), "--trainer", "--threads", "1",
+           "--hidden", "128", "--inter", "256", "--layers", "8", "--seq", "16", "--trainer-rounds", "1",
+           "--trainer-steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["steps_timed"] == {"peft_lora": 2, "mos": 2}
+    assert row["mos_params"] * 4 == row["peft_lora_params"]  # e = r / 4: a quarter of LoRA's parameters
+    assert row["mos_ms"] > 0 and row["peft_lora_ms"] > 0
