@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -230,9 +231,16 @@ def _spec_v2(path: str, meta: dict) -> AdapterSpec:
                 used.add(k)
             layers[p] = (Side(pools[0], idx[0]), Side(pools[1], idx[1]))
         type_dims[t] = _check_layout_v2(cfg, t, paths, layers, path)
+    # PEFT < 0.19 saved every adapter's MoS tensors into each adapter's file, the others keyed with
+    # their adapter name appended (".../mos_idx_a.other"); they are not part of this adapter and PEFT
+    # itself does not load them: skip exactly those, refuse anything else.
+    used.update(k for k in tensors if _OTHER_ADAPTER.match(k))
     _check_used(tensors, used, path)
     return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg,
                        types={t: list(v) for t, v in cfg.type_layers.items()}, type_dims=type_dims)
+
+
+_OTHER_ADAPTER = re.compile(r"^base_model\.model\.(shard_pools\.mos_(A|B|Afrozen)_[^.]+|.+\.mos_idx_[ab])\.[^.]+$")
 
 
 def _check_layout_v2(cfg, t: str, paths: List[str], layers: dict, where: str) -> Tuple[int, int]:
