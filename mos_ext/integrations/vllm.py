@@ -47,6 +47,7 @@ import torch
 SUPPORTED = "0.32."
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
 ERROR_PREFIX = "mos_ext refused adapter"
+SHELL_MODULE = "__mos_ext_store__"
 
 _patched = False
 _patch_lock = threading.Lock()
@@ -257,6 +258,7 @@ def _runtime(manager) -> _Runtime:
 def _patch_worker():
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
 
@@ -269,8 +271,10 @@ def _patch_worker():
         rt = _runtime(self._adapter_manager)
         rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
                        replace=bool(getattr(lora_request, "load_inplace", False)))
-        # an empty LoRAModel: vLLM's slots stay zero, the math runs from the store
-        return LoRAModel(lora_request.lora_int_id, rank, {})
+        # a LoRAModel without weights for any module (vLLM wants one entry; its name matches no
+        # module): vLLM's slots stay zero, the math runs from the store
+        marker = LoRALayerWeights(SHELL_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1))
+        return LoRAModel(lora_request.lora_int_id, rank, {SHELL_MODULE: marker})
 
     orig_map = LoRAModelManager.set_adapter_mapping
 
