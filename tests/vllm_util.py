@@ -20,7 +20,12 @@ TEXT = ("the quick brown fox jumps over the lazy dog. a stitch in time saves nin
 
 def vllm_python():
     """The vLLM virtual environment's python: $MOS_EXT_VLLM_PYTHON or /work/venv-vllm/bin/python; None if absent."""
-    p = os.environ.get("MOS_EXT_VLLM_PYTHON") or "/work/venv-vllm/bin/python"
+    env = os.environ.get("MOS_EXT_VLLM_PYTHON")
+    if env:  # named explicitly (CI): a broken environment is an error, not a skip
+        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            raise FileNotFoundError(f"MOS_EXT_VLLM_PYTHON={env} is not an executable python")
+        return env
+    p = "/work/venv-vllm/bin/python"
     return p if os.path.isfile(p) and os.access(p, os.X_OK) else None
 
 

@@ -83,6 +83,19 @@ def _env_int(name: str, default: int) -> int:
     return v
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
 def is_mos_readable(path) -> bool:
     """True when ``path`` is an adapter directory that mos_ext serves (by its config's kind only;
     the contents are validated by the store on load)."""
@@ -137,7 +150,7 @@ class _Runtime:
         self.store = AdapterStore(
             layer_dims=layer_dims,
             target_modules=sorted({p.rsplit(".", 1)[-1] for p in layer_dims}),
-            capacity_bytes=_env_int("MOS_EXT_VLLM_CAPACITY_MB", 256) << 20,
+            capacity_bytes=int(_env_float("MOS_EXT_VLLM_CAPACITY_MB", 256.0) * (1 << 20)),
             max_tenants=_env_int("MOS_EXT_VLLM_MAX_TENANTS", 256),
             max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
             slots=slots, dtype=dtype or cfg.lora_dtype or torch.float32, device=manager.device)
@@ -176,9 +189,7 @@ class _Runtime:
                 return self.store.info(key)["rank"]
             try:
                 spec = self.store.read(path)
-            except FileNotFoundError:
-                raise
-            except (ValueError, TypeError, KeyError) as e:
+            except (ValueError, TypeError, KeyError, OSError) as e:
                 raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
@@ -317,6 +328,8 @@ def _patch_api_server():
         if err is not None and ERROR_PREFIX in str(err.message) and int(err.code) >= 500:
             msg = str(err.message)
             msg = msg[msg.index(ERROR_PREFIX):]
+            cut = msg.find("', please check the stack trace")  # vLLM's wrapping of worker errors
+            msg = msg[:cut] if cut > 0 else msg
             return create_error_response(message=msg, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
         return out
 
