@@ -218,7 +218,11 @@ class _Runtime:
             for i in ids:  # a tenant evicted for room comes back from its directory
                 if self.key(i) not in self.store and i in self.paths:
                     name, path = self.paths[i]
-                    self.load(i, name, path, replace=False, pinned=ids)
+                    try:
+                        self.load(i, name, path, replace=False, pinned=ids)
+                    except MoSAdapterError as e:  # e.g. its directory was deleted: fail loudly, keep the engine up
+                        _log().error("mos_ext: could not reload adapter %r for this step (its requests run without "
+                                     "it): %s", name, e)
                 if i in self.lru:
                     self.lru.move_to_end(i)
             if not ids:
@@ -255,6 +259,12 @@ class _Runtime:
         if y is not output:
             output = output + y.to(output.dtype)
         return output
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("mos_ext.integrations.vllm")
 
 
 def _runtime(manager) -> _Runtime:
