@@ -205,14 +205,15 @@ def main():
               f"{r['lora_p50']:.3f} / {r['lora_p99']:.3f} | {r['mos_p50']:.3f} / {r['mos_p99']:.3f} |")
     print()
     print("| shapes | LoRA r=%d bytes/tenant | MoS e=%d bytes/tenant (pools + tables) | tenants in %.1f GB: LoRA | MoS | "
-          "ratio |" % (a.rank, a.e, a.budget_gb))
+          "tenants/GB ratio |" % (a.rank, a.e, a.budget_gb))
     print("|---|---|---|---|---|---|")
     for label, m in (("this base (fp32)", mem), ("LLaMA-2-7B, fp16 (computed)", mem["llama7b"])):
         nl, nm = budget // m["lora_bytes"], budget // m["mos_bytes"]
-        m.update(tenants_in_budget_lora=nl, tenants_in_budget_mos=nm, tenants_per_gb_ratio=nm / nl,
+        m.update(tenants_in_budget_lora=nl, tenants_in_budget_mos=nm,
+                 tenants_per_gb_ratio=m["lora_bytes"] / m["mos_bytes"],
                  pools_only_ratio=m["lora_bytes"] / m["mos_pool_bytes"])
         print(f"| {label} | {m['lora_bytes']:,} | {m['mos_bytes']:,} ({m['mos_pool_bytes']:,} + {m['table_bytes']:,}) "
-              f"| {nl:,} | {nm:,} | {nm / nl:.2f}x |")
+              f"| {nl:,} | {nm:,} | {m['tenants_per_gb_ratio']:.2f}x ({m['pools_only_ratio']:.2f}x pools only) |")
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), torch=torch.__version__, argv=sys.argv, args={k: v for k, v in vars(a).items()},
                 commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
