@@ -116,6 +116,8 @@ class _Runtime:
     """The worker's adapter store plus the bookkeeping between vLLM adapter ids and store tenants."""
 
     def __init__(self, manager):
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
         from ..serving import AdapterStore
 
         self.manager = manager
@@ -125,8 +127,8 @@ class _Runtime:
         dtype = None
         for name, module in manager.modules.items():
             slices = getattr(module, "output_slices", None)
-            if slices is None or not hasattr(module, "input_size"):
-                continue
+            if not isinstance(module, BaseLinearLayerWithLoRA) or slices is None:
+                continue  # embeddings, logits, MoE: not served from the store
             if getattr(module, "tp_size", 1) != 1:
                 raise MoSAdapterError(f"{ERROR_PREFIX}: the compressed path supports tensor_parallel_size=1, "
                                       f"{name} is split over {module.tp_size} ranks")
