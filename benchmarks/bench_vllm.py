@@ -5,7 +5,8 @@ Same base, same request mix, 8 / 64 / 256 distinct tenants. Each tenant is one M
 the same tenants exported to PEFT LoRA rank 16 with ``mos_ext.export_lora`` (equal rank, equal
 outputs) on vLLM with the plugin off (``MOS_EXT_VLLM_PLUGIN=0``). Both servers get the same flags.
 
-Measured: tokens/s and per-request latency p50/p99 over the OpenAI completions API; device bytes
+Measured: tokens/s and per-request latency p50/p99 over the OpenAI completions API (both servers
+up at once, the modes alternating, median of ``--repeats`` runs); device bytes
 per tenant (vLLM: the LoRA weights it holds per registered adapter, the exported safetensors size;
 MoS: the store's pool rows + the tenant's int32 tables, from an AdapterStore built like the plugin's);
 tenants resident in a fixed budget (budget // bytes per tenant).
@@ -42,6 +43,7 @@ def parse():
     ap.add_argument("--requests", type=int, default=128, help="requests per tenant count")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (also --max-num-seqs)")
     ap.add_argument("--max-loras", type=int, default=16, help="vLLM --max-loras for both servers")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the mix per mode and tenant count (median kept)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=512)
@@ -59,7 +61,7 @@ def parse():
         ap.error(f"--tenants must be comma-separated integers, got {a.tenants!r}")
     if not a.tenant_counts or min(a.tenant_counts) < 1:
         ap.error(f"--tenants needs positive counts, got {a.tenants!r}")
-    for k in ("requests", "concurrency", "max_loras", "prompt_len", "new_tokens", "rank", "e"):
+    for k in ("requests", "concurrency", "max_loras", "repeats", "prompt_len", "new_tokens", "rank", "e"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     return a
@@ -130,50 +132,80 @@ def memory(a, cfg, mos_dir, lora_dir):
     return out
 
 
-def run_mode(a, mode, base_dir, dirs, py, work):
+def start_server(a, mode, base_dir, dirs, py, work):
+    """A server for ``mode`` ("lora": plugin off, exported LoRA dirs; "mos": plugin on), every adapter loaded."""
     env = {"MOS_EXT_VLLM_PLUGIN": "0"} if mode == "lora" else {
         "MOS_EXT_VLLM_PLUGIN": "1", "MOS_EXT_VLLM_CAPACITY_MB": "1024",
         "MOS_EXT_VLLM_MAX_TENANTS": str(max(a.tenant_counts) + 8), "MOS_EXT_VLLM_MAX_RANK": str(a.rank)}
     srv = U.Server(py, base_dir, max_loras=a.max_loras, max_lora_rank=a.rank, max_cpu_loras=max(a.tenant_counts),
                    env=env, log_path=os.path.join(work, f"server_{mode}.log"),
                    extra=["--max-num-seqs", str(a.concurrency)])
-    res = {}
-    try:
-        ready = srv.wait_ready(timeout=600)
-        t0 = time.time()
-        for i, d in enumerate(dirs):
-            st, body = srv.post("/v1/load_lora_adapter", {"lora_name": f"t{i}", "lora_path": d})
-            if st != 200:
-                raise RuntimeError(f"{mode}: loading t{i} failed: {st} {body}")
-        load_s = time.time() - t0
-        import openai
+    return srv
 
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=600, max_retries=0)
+
+def load_all(srv, mode, dirs):
+    t0 = time.time()
+    for i, d in enumerate(dirs):
+        st, body = srv.post("/v1/load_lora_adapter", {"lora_name": f"t{i}", "lora_path": d})
+        if st != 200:
+            raise RuntimeError(f"{mode}: loading t{i} failed: {st} {body}")
+    return time.time() - t0
+
+
+def run_mix(a, srv, n, prompts):
+    """The request mix against one server: request i for tenant i mod n, a.concurrency in flight."""
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=600, max_retries=0)
+
+    def one(i):
+        t = time.perf_counter()
+        r = client.completions.create(model=f"t{i % n}", prompt=[prompts[i]], max_tokens=a.new_tokens,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        return time.perf_counter() - t, r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(a.concurrency) as ex:
+        outs = list(ex.map(one, range(len(prompts))))
+    wall = time.perf_counter() - t0
+    lat = sorted(o[0] for o in outs)
+    toks = sum(o[1] for o in outs)
+    return dict(tokens_per_s=toks / wall, p50_s=statistics.median(lat),
+                p99_s=lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], wall_s=wall, tokens=toks)
+
+
+def run_all(a, base_dir, dirs_by_mode, py, work):
+    """Both servers up at once; for each tenant count the two modes alternate, ``a.repeats`` times each
+    (a shared machine's load drifts: alternating gives both the same conditions); medians are kept."""
+    modes = list(dirs_by_mode)
+    srvs = {m: start_server(a, m, base_dir, dirs_by_mode[m], py, work) for m in modes}
+    out = {m: dict(by_tenants={}) for m in modes}
+    try:
+        for m in modes:
+            out[m]["ready_s"] = srvs[m].wait_ready(timeout=900)
+        for m in modes:
+            out[m]["load_all_s"] = load_all(srvs[m], m, dirs_by_mode[m])
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, 1000, (a.requests, a.prompt_len), generator=g).tolist()
-
-        def one(i, n):
-            t = time.perf_counter()
-            r = client.completions.create(model=f"t{i % n}", prompt=[prompts[i]], max_tokens=a.new_tokens,
-                                          temperature=0, extra_body={"ignore_eos": True})
-            return time.perf_counter() - t, r.usage.completion_tokens
-
-        for i in range(min(4, a.requests)):  # warm-up
-            one(i, 1)
+        for m in modes:  # warm-up
+            run_mix(a, srvs[m], 1, prompts[: min(4, a.requests)])
         for n in a.tenant_counts:
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(a.concurrency) as ex:
-                outs = list(ex.map(lambda i: one(i, n), range(a.requests)))
-            wall = time.perf_counter() - t0
-            lat = sorted(o[0] for o in outs)
-            toks = sum(o[1] for o in outs)
-            res[n] = dict(tokens_per_s=toks / wall, p50_s=statistics.median(lat),
-                          p99_s=lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], wall_s=wall, tokens=toks)
-            print(f"  {mode:5s} {n:4d} tenants: {toks / wall:8.1f} tok/s  p50 {res[n]['p50_s']:.3f}s  "
-                  f"p99 {res[n]['p99_s']:.3f}s", flush=True)
-        return dict(ready_s=ready, load_all_s=load_s, by_tenants=res)
+            reps = {m: [] for m in modes}
+            for r in range(a.repeats):
+                for m in (modes if r % 2 == 0 else modes[::-1]):
+                    reps[m].append(run_mix(a, srvs[m], n, prompts))
+                    x = reps[m][-1]
+                    print(f"  {m:5s} {n:4d} tenants, run {r}: {x['tokens_per_s']:8.1f} tok/s  p50 {x['p50_s']:.3f}s  "
+                          f"p99 {x['p99_s']:.3f}s", flush=True)
+            for m in modes:
+                runs = sorted(reps[m], key=lambda x: x["tokens_per_s"])
+                med = dict(runs[len(runs) // 2])
+                med["all_tokens_per_s"] = [x["tokens_per_s"] for x in reps[m]]
+                out[m]["by_tenants"][n] = med
+        return out
     finally:
-        srv.stop()
+        for s_ in srvs.values():
+            s_.stop()
 
 
 def main():
@@ -185,11 +217,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     cfg, base_dir, mos, lora = make_adapters(a, work)
     mem = memory(a, cfg, mos[0], lora[0])
-    runs = {}
-    for mode, dirs in (("lora", lora), ("mos", mos)):
-        print(f"== {mode}: vLLM {'own LoRA path (plugin off)' if mode == 'lora' else 'with the mos_ext plugin'}",
-              flush=True)
-        runs[mode] = run_mode(a, mode, base_dir, dirs, py, work)
+    print("== lora: vLLM's own LoRA path (plugin off) | mos: vLLM with the mos_ext plugin; alternating", flush=True)
+    runs = run_all(a, base_dir, {"lora": lora, "mos": mos}, py, work)
     budget = int(a.budget_gb * (1 << 30))
     rows = []
     for n in a.tenant_counts:

@@ -209,6 +209,8 @@ class _Runtime:
                                               f"MOS_EXT_VLLM_CAPACITY_MB / MOS_EXT_VLLM_MAX_TENANTS)") from None
                     self.store.unload(self.key(victim))
                     self.lru.pop(victim)
+                    _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
+                                "from its directory when requested", self.paths[victim][0], name)
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
             return spec.rank
@@ -266,7 +268,7 @@ class _Runtime:
 def _log():
     import logging
 
-    return logging.getLogger("mos_ext.integrations.vllm")
+    return logging.getLogger("vllm.mos_ext")  # under vLLM's logger: printed with its own lines
 
 
 def _runtime(manager) -> _Runtime:
