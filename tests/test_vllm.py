@@ -178,13 +178,17 @@ def test_load_unload_over_http_while_serving(world, expected):
         stop.append(True)
         for r in runners:
             assert r.result() == []
+    # the API server's unload does not reach the worker, so the first round's tenants stayed resident and
+    # filled the store (1.5 MiB: alice + bob + carol + dave + erin use every row of q_proj): the second
+    # round made room by evicting least recently used tenants (which reload when requested again)
+    assert "mos_ext: evicted adapter" in srv.tail(100000)
 
 
 @pytest.mark.parametrize("kind,words", [
     ("corrupt", ["corrupt adapter weights"]),
     ("mismatch", ["features, the model's layer has"]),
     ("rank", ["rank 64", f"max_rank={MAX_RANK}"]),
-    ("size", ["capacity"]),
+    ("size", ["whole capacity"]),
     ("dora", ["DoRA"]),
 ])
 def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
@@ -197,8 +201,6 @@ def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
     # the server keeps serving everyone else, exactly (tenants evicted for room come back)
     for name in ["base", "alice", "bob", "carol"]:
         assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name
-    if kind == "size":  # the store made room by evicting LRU tenants before refusing; they came back above
-        assert "mos_ext: evicted adapter" in srv.tail(100000)
 
 
 def test_unknown_adapter_name_is_404(world):
@@ -208,11 +210,14 @@ def test_unknown_adapter_name_is_404(world):
 
 
 def test_plugin_switch_idempotence_and_version_check():
-    """In the vLLM environment: register() twice patches once; an untested version is refused by name;
-    MOS_EXT_VLLM_PLUGIN=0 leaves vLLM alone."""
+    """In the vLLM environment (one process): MOS_EXT_VLLM_PLUGIN=0 leaves vLLM alone; register() twice
+    patches once; an untested version is refused by name."""
     code = r"""
 import os, mos_ext.integrations.vllm as P
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as B
+os.environ["MOS_EXT_VLLM_PLUGIN"] = "0"
+P.register(); assert not hasattr(B._apply_lora_to_output, "__mos_ext_patched__")
+os.environ["MOS_EXT_VLLM_PLUGIN"] = "1"
 P.register(); f = B._apply_lora_to_output; P.register()
 assert B._apply_lora_to_output is f and getattr(f, "__mos_ext_patched__", False)
 try:
@@ -223,9 +228,4 @@ print("ok")
 """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-    off = "import mos_ext.integrations.vllm as P\nfrom vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as B\n" \
-          "P.register(); assert not hasattr(B._apply_lora_to_output, '__mos_ext_patched__'); print('ok')"
-    r = subprocess.run([PY, "-c", off], capture_output=True, text=True, timeout=300,
-                       env=dict(env, MOS_EXT_VLLM_PLUGIN="0"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

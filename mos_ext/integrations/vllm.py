@@ -193,6 +193,12 @@ class _Runtime:
                 spec = self.store.read(path)
             except (ValueError, TypeError, KeyError, OSError) as e:
                 raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
+            over = {k: n for k, n in self.store.rows_needed(spec).items() if n > self.store.rows}
+            if over:  # larger than the whole store: refuse without evicting anyone
+                (typ, side), n = next(iter(over.items()))
+                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}, "
+                                      f"more than the store's whole capacity of {self.store.rows} rows per type "
+                                      f"(raise MOS_EXT_VLLM_CAPACITY_MB)")
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
                 self.lru.pop(lora_id, None)
