@@ -57,7 +57,7 @@ def world(tmp_path_factory):
         dirs[name] = str(root / name)
         peft_models[name] = U.write_mos_adapter(cfg, c, dirs[name], seed=10 + i)
     dirs["bob"] = str(root / "bob")
-    peft_models["bob"] = U.write_peft_lora(cfg, dirs["bob"], seed=20, r=8)
+    peft_models["bob"] = U.write_peft_lora(cfg, dirs["bob"], seed=20, r=12)  # above --max-lora-rank 8: store-held
     # bad adapters
     bad = {}
     bad["corrupt"] = str(root / "corrupt")
@@ -78,7 +78,7 @@ def world(tmp_path_factory):
     json.dump(meta, open(os.path.join(bad["dora"], "adapter_config.json"), "w"))
 
     srv = U.Server(PY, base_dir, [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
-                   max_loras=2, max_lora_rank=16, max_cpu_loras=8,
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
                    env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
                         "MOS_EXT_VLLM_MAX_TENANTS": "16"},
                    log_path=str(root / "server.log"))
@@ -181,9 +181,9 @@ def test_load_unload_over_http_while_serving(world, expected):
         stop.append(True)
         for r in runners:
             assert r.result() == []
-    # the API server's unload does not reach the worker, so the first round's tenants stayed resident and
-    # filled the store (1.5 MiB: alice + bob + carol + dave + erin use every row of q_proj): the second
-    # round made room by evicting least recently used tenants (which reload when requested again)
+    # the 1.5 MiB store holds 768 rows per type; alice + bob + carol + dave + erin take 896 of q_proj's
+    # (and the API server's unload does not reach the worker): loads made room by evicting least
+    # recently used tenants, which reload from their directories when requested again
     assert "mos_ext: evicted adapter" in srv.tail(100000)
 
 
