@@ -9,7 +9,8 @@ Measured: tokens/s and per-request latency p50/p99 over the OpenAI completions A
 up at once, the modes alternating, median of ``--repeats`` runs); device bytes
 per tenant (vLLM: the LoRA weights it holds per registered adapter, the exported safetensors size;
 MoS: the store's pool rows + the tenant's int32 tables, from an AdapterStore built like the plugin's);
-tenants resident in a fixed budget (budget // bytes per tenant).
+tenants resident in a fixed budget (budget // bytes per tenant); and whether base-model requests
+batched with adapter requests (every slot in use) still get the base model's greedy tokens.
 
     python benchmarks/bench_vllm.py                    # CPU; vLLM python from $MOS_EXT_VLLM_PYTHON
     python benchmarks/bench_vllm.py --tenants 8 --requests 32    # quick
@@ -174,6 +175,35 @@ def run_mix(a, srv, n, prompts):
                 p99_s=lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], wall_s=wall, tokens=toks)
 
 
+def base_isolation(a, srv, prompts, rounds=3):
+    """Base-model requests batched with adapter requests while every adapter slot is in use: how many of
+    their greedy outputs equal the same prompts served alone (vLLM 0.32's CPU LoRA ops treat the base
+    index -1 as the last slot then)."""
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=600, max_retries=0)
+
+    def gen(model, p):
+        r = client.completions.create(model=model, prompt=[p], max_tokens=a.new_tokens, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        return list(r.choices[0].token_ids)
+
+    base_prompts = prompts[:4]
+    alone = [gen("base", p) for p in base_prompts]
+    same = total = 0
+    for rnd in range(rounds):
+        with cf.ThreadPoolExecutor(a.concurrency + len(base_prompts)) as ex:
+            tenant_jobs = [ex.submit(gen, f"t{(rnd * a.max_loras + k) % max(a.tenant_counts)}", prompts[k % len(prompts)])
+                           for k in range(a.max_loras)]
+            base_jobs = [ex.submit(gen, "base", p) for p in base_prompts]
+            for j, f in enumerate(base_jobs):
+                same += int(f.result() == alone[j])
+                total += 1
+            for f in tenant_jobs:
+                f.result()
+    return dict(base_equal_alone=same, base_requests=total)
+
+
 def run_all(a, base_dir, dirs_by_mode, py, work):
     """Both servers up at once; for each tenant count the two modes alternate, ``a.repeats`` times each
     (a shared machine's load drifts: alternating gives both the same conditions); medians are kept."""
@@ -202,6 +232,11 @@ def run_all(a, base_dir, dirs_by_mode, py, work):
                 med = dict(runs[len(runs) // 2])
                 med["all_tokens_per_s"] = [x["tokens_per_s"] for x in reps[m]]
                 out[m]["by_tenants"][n] = med
+        for m in modes:
+            out[m]["isolation"] = base_isolation(a, srvs[m], prompts)
+            iso = out[m]["isolation"]
+            print(f"  {m:5s} base requests in mixed batches (all slots full) equal to base alone: "
+                  f"{iso['base_equal_alone']}/{iso['base_requests']}", flush=True)
         return out
     finally:
         for s_ in srvs.values():
@@ -232,6 +267,10 @@ def main():
     for r in rows:
         print(f"| {r['tenants']} | {r['lora_tok_s']:.1f} | {r['mos_tok_s']:.1f} | {r['ratio']:.2f}x | "
               f"{r['lora_p50']:.3f} / {r['lora_p99']:.3f} | {r['mos_p50']:.3f} / {r['mos_p99']:.3f} |")
+    print()
+    print("base-model requests batched with adapter requests, every slot in use, equal to base alone: "
+          + ", ".join(f"{m} {runs[m]['isolation']['base_equal_alone']}/{runs[m]['isolation']['base_requests']}"
+                      for m in runs))
     print()
     print("| shapes | LoRA r=%d bytes/tenant | MoS e=%d bytes/tenant (pools + tables) | tenants in %.1f GB: LoRA | MoS | "
           "tenants/GB ratio |" % (a.rank, a.e, a.budget_gb))
