@@ -6,7 +6,6 @@ tests skip, saying so. One server serves every test of the module (start-up domi
 it is stopped by its PID whatever happens.
 """
 import concurrent.futures as cf
-import copy
 import json
 import os
 import subprocess

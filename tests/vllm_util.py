@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import torch
@@ -190,7 +189,3 @@ class Server:
             return status, json.loads(raw)
         except ValueError:
             return status, raw
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use
-    print(vllm_python(), file=sys.stderr)
