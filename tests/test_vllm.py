@@ -70,6 +70,8 @@ def world(tmp_path_factory):
     U.write_peft_lora(cfg, bad["rank"], seed=32, r=64)
     bad["size"] = str(root / "size")  # r=32 on all 7 projections: 2 MiB of pools > the 1.5 MiB store
     U.write_peft_lora(cfg, bad["size"], seed=33, r=32)
+    bad["share"] = str(root / "share")  # r=16: fits the store alone, but not in a 1/max_loras share of it
+    U.write_peft_lora(cfg, bad["share"], seed=35, r=16)
     bad["dora"] = str(root / "dora")
     U.write_peft_lora(cfg, bad["dora"], seed=34, r=4)
     meta = json.load(open(os.path.join(bad["dora"], "adapter_config.json")))
@@ -191,6 +193,7 @@ def test_load_unload_over_http_while_serving(world, expected):
     ("mismatch", ["features, the model's layer has"]),
     ("rank", ["rank 64", f"max_rank={MAX_RANK}"]),
     ("size", ["whole capacity"]),
+    ("share", ["--max-loras 2", "at most"]),
     ("dora", ["DoRA"]),
 ])
 def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):

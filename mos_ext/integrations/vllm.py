@@ -24,8 +24,10 @@ patches live here and nowhere else):
   problem instead of vLLM's generic 500.
 
 The store is bounded by bytes: when a new adapter does not fit, least recently used tenants
-that no current adapter slot holds are evicted and reloaded from their directory when a request
-names them again (as vLLM's own LRU does). Settings (environment of the server):
+that no current adapter slot holds are evicted, kept in host memory at their compressed size, and
+reloaded when a request names them again (as vLLM's own LRU does with its CPU cache). Each adapter
+may use at most 1/``--max-loras`` of every pool, so the adapters of any batch fit together and a
+reload never fails. Settings (environment of the server):
 
 * ``MOS_EXT_VLLM_CAPACITY_MB`` pool bytes of the store (default 256)
 * ``MOS_EXT_VLLM_MAX_TENANTS`` tenants resident at once (table slots; default 256)
@@ -162,6 +164,15 @@ class _Runtime:
             module._mos_runtime = self
             module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
                                   if path in self.store.layers]
+        # A batch holds at most max_loras distinct adapters; if each may take at most 1/max_loras of
+        # every pool, the adapters of any batch fit together, so a tenant evicted for room can always
+        # come back (from the host copy below, never from its directory), and no request is ever served
+        # without its adapter.
+        self.max_loras = int(cfg.max_loras)
+        if self.store.max_tenants < self.max_loras:
+            raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TENANTS={self.store.max_tenants} is below "
+                                  f"--max-loras {self.max_loras}: one batch's adapters would not fit")
+        self.specs: Dict[int, object] = {}  # vLLM lora id -> its AdapterSpec, in host memory (reload source)
         self.paths: Dict[int, Tuple[str, str]] = {}  # vLLM lora id -> (name, directory)
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
         self.seg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -189,16 +200,28 @@ class _Runtime:
                 self.lru.move_to_end(lora_id)
                 self.paths[lora_id] = (name, path)
                 return self.store.info(key)["rank"]
-            try:
-                spec = self.store.read(path)
-            except (ValueError, TypeError, KeyError, OSError) as e:
-                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
-            over = {k: n for k, n in self.store.rows_needed(spec).items() if n > self.store.rows}
+            if not replace and lora_id in self.specs:  # evicted earlier: back from the host copy
+                spec = self.specs[lora_id]
+            else:
+                try:
+                    spec = self.store.read(path)
+                except (ValueError, TypeError, KeyError, OSError) as e:
+                    raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
+            need = self.store.rows_needed(spec)
+            over = {k: n for k, n in need.items() if n > self.store.rows}
             if over:  # larger than the whole store: refuse without evicting anyone
                 (typ, side), n = next(iter(over.items()))
                 raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}, "
                                       f"more than the store's whole capacity of {self.store.rows} rows per type "
                                       f"(raise MOS_EXT_VLLM_CAPACITY_MB)")
+            share = self.store.rows // self.max_loras
+            over = {k: n for k, n in need.items() if n > share}
+            if over:  # would not fit beside max_loras - 1 others in one batch
+                (typ, side), n = next(iter(over.items()))
+                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}; "
+                                      f"with --max-loras {self.max_loras} an adapter may use at most {share} of the "
+                                      f"store's capacity of {self.store.rows} rows per type, so that any batch's "
+                                      f"adapters fit together (raise MOS_EXT_VLLM_CAPACITY_MB or lower --max-loras)")
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
                 self.lru.pop(lora_id, None)
@@ -216,23 +239,22 @@ class _Runtime:
                     self.store.unload(self.key(victim))
                     self.lru.pop(victim)
                     _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
-                                "from its directory when requested", self.paths[victim][0], name)
+                                "from its host copy when requested", self.paths[victim][0], name)
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
+            self.specs[lora_id] = spec
             return spec.rank
 
     def set_mapping(self, index_mapping) -> None:
         """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""
         with self._lock:
             ids = sorted({int(i) for i in index_mapping if i > 0})
-            for i in ids:  # a tenant evicted for room comes back from its directory
+            for i in ids:  # a tenant evicted for room comes back from its host copy
                 if self.key(i) not in self.store and i in self.paths:
                     name, path = self.paths[i]
-                    try:
-                        self.load(i, name, path, replace=False, pinned=ids)
-                    except MoSAdapterError as e:  # e.g. its directory was deleted: fail loudly, keep the engine up
-                        _log().error("mos_ext: could not reload adapter %r for this step (its requests run without "
-                                     "it): %s", name, e)
+                    # cannot fail for room (each adapter <= capacity / max_loras) nor for files (host copy);
+                    # if it ever did, raise: serving the requests without their adapter would be silently wrong
+                    self.load(i, name, path, replace=False, pinned=ids)
                 if i in self.lru:
                     self.lru.move_to_end(i)
             if not ids:
