@@ -87,8 +87,12 @@ setup(
     extras_require={
         "train": ["transformers>=5.0", "peft>=0.18,<0.22", "accelerate>=1.0"],
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "numpy", "transformers>=5.0", "peft>=0.18,<0.22",
-                 "accelerate>=1.0", "bitsandbytes>=0.45", "trl>=1.0", "datasets"],
+                 "accelerate>=1.0", "bitsandbytes>=0.45", "trl>=1.0", "datasets",
+                 "openai>=1.0"],  # tests/test_vllm.py drives the vLLM server (its own venv, see .ci/run)
     },
+    # the vLLM plugin (mos_ext/integrations/vllm.py): vLLM calls it in each of its processes;
+    # MOS_EXT_VLLM_PLUGIN=0 switches it off
+    entry_points={"vllm.general_plugins": ["mos_ext = mos_ext.integrations.vllm:register"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

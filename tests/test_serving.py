@@ -239,3 +239,34 @@ def test_from_live_model_object(adapters):
     mt = MultiTenantModel(tiny(), store)
     torch.testing.assert_close(mt(input_ids=IDS[:1], adapter_names=["live"]).logits,
                                alone(adapters, "miss_mini", IDS[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_store_from_layer_dims_equals_store_from_model(adapters):
+    """AdapterStore(layer_dims=...) (a serving engine's own layers, e.g. vLLM's) lays tenants out exactly as
+    AdapterStore(model); read() validates without changing the store; rows_needed() is what load() takes."""
+    from mos_ext.layers import base_dims
+
+    model = tiny()
+    dims = {n: base_dims(m)[:2] for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ALL7}
+    a, b = make_store(model), make_store(None, layer_dims=dims, dtype=torch.float32)
+    assert a.layers == b.layers and a.rows == b.rows
+    for name, (d, _) in adapters.items():
+        spec = b.read(d)
+        free = b.free_rows()
+        assert b.names() == [n for n in adapters if n in b.names()]  # read() changed nothing
+        need = b.rows_needed(spec)
+        a.load(name, d)
+        b.load(name, spec)
+        assert all(free[k] - b.free_rows()[k] == n for k, n in need.items())
+        assert a.memory_bytes(name) == b.memory_bytes(name)
+    for p in a.layers:
+        assert torch.equal(a.idx_a[p], b.idx_a[p]) and torch.equal(a.idx_b[p], b.idx_b[p])
+    for k in a.pool_a:
+        assert torch.equal(a.pool_a[k], b.pool_a[k]) and torch.equal(a.pool_b[k], b.pool_b[k])
+    assert b.table_bytes_per_tenant() == sum(2 * 16 * 8 * 4 for _ in b.layers)
+    with pytest.raises(ValueError, match="exceeds the store's max_rank"):
+        make_store(None, layer_dims=dims, max_rank=2).read(adapters["lora"][0])
+    with pytest.raises(ValueError, match="exactly one of model and layer_dims"):
+        AdapterStore(model, layer_dims=dims, capacity_bytes=1 << 20)
+    with pytest.raises(ValueError, match=r"layer_dims\['x'\]"):
+        AdapterStore(layer_dims={"x": 5}, capacity_bytes=1 << 20)

@@ -91,24 +91,43 @@ class AdapterStore:
         dtype, device: of the pools (default: the model's).
     """
 
-    def __init__(self, model: nn.Module, *, capacity_bytes: int, target_modules=None, max_tenants: int = 256,
-                 max_rank: int = 64, slots: int = 8, dtype=None, device=None):
+    def __init__(self, model: Optional[nn.Module] = None, *, capacity_bytes: int, target_modules=None,
+                 max_tenants: int = 256, max_rank: int = 64, slots: int = 8, dtype=None, device=None,
+                 layer_dims: Optional[Dict[str, Tuple[int, int]]] = None):
         from ..pools import DEFAULT_TARGETS
 
-        some = next(model.parameters())
-        self.device = torch.device(device) if device is not None else some.device
-        self.dtype = dtype or (some.dtype if some.is_floating_point() else torch.float32)
+        if (model is None) == (layer_dims is None):
+            raise ValueError("AdapterStore needs exactly one of model and layer_dims")
+        if model is not None:
+            some = next(model.parameters())
+            self.device = torch.device(device) if device is not None else some.device
+            self.dtype = dtype or (some.dtype if some.is_floating_point() else torch.float32)
+        else:  # a serving engine's own layer classes (vLLM): the caller names the layers and their dims
+            self.device = torch.device(device if device is not None else "cpu")
+            self.dtype = dtype or torch.float32
         self.max_tenants, self.max_rank, self.slots = max_tenants, max_rank, slots
         targets = set(target_modules or DEFAULT_TARGETS)
         self.layers: "OrderedDict[str, str]" = OrderedDict()  # module path -> type key
         self.type_dims: Dict[str, Tuple[int, int]] = {}
-        for name, mod in model.named_modules():
+        if model is not None:
+            found = []
+            for name, mod in model.named_modules():
+                try:
+                    h, o, _ = base_dims(mod)
+                except TypeError:
+                    continue
+                found.append((name, h, o))
+        else:
+            found = []
+            for name, dims in layer_dims.items():
+                try:
+                    h, o = (int(d) for d in dims)
+                except (TypeError, ValueError):
+                    raise ValueError(f"layer_dims[{name!r}] must be (in_features, out_features), got {dims!r}") from None
+                found.append((name, h, o))
+        for name, h, o in found:
             last = name.rsplit(".", 1)[-1]
             if last not in targets:
-                continue
-            try:
-                h, o, _ = base_dims(mod)
-            except TypeError:
                 continue
             key = f"{last}:{h}x{o}"
             for d, what in ((h, "in"), (o, "out")):
@@ -180,7 +199,7 @@ class AdapterStore:
             raise ValueError("adapter name must be a non-empty string")
         if name in self._tenants:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first")
-        spec = self._read(adapter)
+        spec = self._read_spec(adapter)
         plan = self._plan(spec)
         with self._lock:
             need = {k: len(v[0]) for k, v in plan["rows"].items()}
@@ -274,6 +293,22 @@ class AdapterStore:
                 tables.setdefault(path, [None, None])[0 if side == "A" else 1] = new_idx[k]
         return dict(rows=rows_out, tables={p: tuple(v) for p, v in tables.items()})
 
-    def _read(self, adapter) -> AdapterSpec:
+    def read(self, adapter) -> AdapterSpec:
+        """Read and validate ``adapter`` for this store's layers (:func:`mos_ext.read_adapter` with the
+        store's layer dims) and check that it fits a tenant slot (layers served, rank <= max_rank,
+        shapes); nothing changes. ``load(name, spec)`` then skips the file read."""
+        spec = self._read_spec(adapter)
+        self._plan(spec)
+        return spec
+
+    def _read_spec(self, adapter) -> AdapterSpec:
         dims = {p: self.type_dims[k] for p, k in self.layers.items()}
         return read_adapter(adapter, dims=dims)
+
+    def rows_needed(self, spec: AdapterSpec) -> Dict[Tuple[str, str], int]:
+        """Store rows per (type key, side) that loading ``spec`` takes."""
+        return {k: int(v[0].shape[0]) for k, v in self._plan(spec)["rows"].items()}
+
+    def table_bytes_per_tenant(self) -> int:
+        """Bytes of int32 index tables one tenant slot holds (all layers, both sides)."""
+        return sum(self.idx_a[p][0].numel() + self.idx_b[p][0].numel() for p in self.layers) * 4

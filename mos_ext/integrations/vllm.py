@@ -1,0 +1,400 @@
+"""vLLM plugin: serve mos_ext adapters (MoS, MiSS, LoRA-as-shards) and PEFT LoRA / MiSS adapters
+inside vLLM 0.32.x, held at their compressed size in an :class:`~mos_ext.serving.AdapterStore`.
+
+Installing mos_ext into a vLLM environment registers :func:`register` under the
+``vllm.general_plugins`` entry point; vLLM calls it once in every process (API server, engine
+core, worker). ``MOS_EXT_VLLM_PLUGIN=0`` switches it off (vLLM then runs unchanged).
+
+What changes, and why each patch is needed (vLLM offers no public hook for any of them; all
+patches live here and nowhere else):
+
+* ``WorkerLoRAManager._load_adapter`` (worker): an adapter directory that
+  :func:`mos_ext.read_adapter` reads (mos_ext formats 1 and 2, PEFT LoRA, PEFT MiSS) is loaded
+  into the worker's store — pools as store rows, int32 tables per layer — and vLLM gets an empty
+  ``LoRAModel`` (no dense weights) so its scheduler and slot bookkeeping work unchanged.
+* ``LoRAModelManager.set_adapter_mapping`` (worker, once per step): the batch's token -> adapter
+  mapping becomes ``sgmv`` segments (runs of tokens with the same tenant, ``-1`` for base
+  tokens), built once and shared by every layer; evicted tenants of the batch are reloaded.
+* ``BaseLinearLayerWithLoRA._apply_lora_to_output`` (worker, every adapted linear layer): the
+  adapter math is one ``torch.ops.mos.sgmv`` per output slice (packed q/k/v and gate/up are
+  sliced) instead of vLLM's punica ops, so base rows stay untouched whatever the slots hold
+  (vLLM 0.32's CPU ops apply the last slot to ``-1`` rows when all slots are full).
+* ``OpenAIServingModels.load_lora_adapter`` (API server): a load refused by mos_ext (corrupt or
+  mismatched adapter, rank or size beyond the store's capacity) answers HTTP 400 naming the
+  problem instead of vLLM's generic 500.
+
+The store is bounded by bytes: when a new adapter does not fit, least recently used tenants
+that no current adapter slot holds are evicted, kept in host memory at their compressed size, and
+reloaded when a request names them again (as vLLM's own LRU does with its CPU cache). Each adapter
+may use at most 1/``--max-loras`` of every pool, so the adapters of any batch fit together and a
+reload never fails. Settings (environment of the server):
+
+* ``MOS_EXT_VLLM_CAPACITY_MB`` pool bytes of the store (default 256)
+* ``MOS_EXT_VLLM_MAX_TENANTS`` tenants resident at once (table slots; default 256)
+* ``MOS_EXT_VLLM_MAX_RANK`` largest adapter rank (default: vLLM's ``--max-lora-rank``)
+* ``MOS_EXT_VLLM_SLOTS`` shards per row of the store (default 8)
+
+Supported: vLLM 0.32.x, tensor parallel size 1, models whose vLLM module names are the HF ones
+(Llama-style: ``qkv_proj`` packs ``q/k/v_proj``, ``gate_up_proj`` packs ``gate/up_proj``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+SUPPORTED = "0.32."
+ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
+ERROR_PREFIX = "mos_ext refused adapter"
+SHELL_MODULE = "__mos_ext_store__"
+
+_patched = False
+_patch_lock = threading.Lock()
+
+
+class MoSAdapterError(ValueError):
+    """An adapter the worker's store cannot take; the message names the problem."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def check_version(version: str) -> None:
+    """Raise a RuntimeError naming ``version`` unless it is a vLLM this plugin was tested with."""
+    if not str(version).startswith(SUPPORTED):
+        raise RuntimeError(
+            f"mos_ext's vLLM plugin supports vLLM {SUPPORTED}x (tested with 0.32.0); this is vLLM {version}. "
+            f"It patches vLLM-internal LoRA classes that change between versions, so it refuses to start. "
+            f"Set {ENV_SWITCH}=0 to run vLLM without it (mos_ext adapters are then not served).")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def is_mos_readable(path) -> bool:
+    """True when ``path`` is an adapter directory that mos_ext serves (by its config's kind only;
+    the contents are validated by the store on load)."""
+    import json
+
+    try:
+        with open(os.path.join(os.fspath(path), "adapter_config.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    return meta.get("format") == "mos_ext" or str(meta.get("peft_type") or "").upper() in ("MOS", "LORA", "MISS")
+
+
+# ---------------------------------------------------------------------------------------- runtime
+class _Runtime:
+    """The worker's adapter store plus the bookkeeping between vLLM adapter ids and store tenants."""
+
+    def __init__(self, manager):
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        from ..serving import AdapterStore
+
+        self.manager = manager
+        packed = dict(getattr(manager, "packed_modules_mapping", {}) or {})
+        layer_dims: Dict[str, Tuple[int, int]] = {}
+        self.layer_slices: Dict[str, List[Tuple[str, int, int]]] = {}  # vLLM module -> [(hf path, offset, size)]
+        dtype = None
+        for name, module in manager.modules.items():
+            slices = getattr(module, "output_slices", None)
+            if not isinstance(module, BaseLinearLayerWithLoRA) or slices is None:
+                continue  # embeddings, logits, MoE: not served from the store
+            if getattr(module, "tp_size", 1) != 1:
+                raise MoSAdapterError(f"{ERROR_PREFIX}: the compressed path supports tensor_parallel_size=1, "
+                                      f"{name} is split over {module.tp_size} ranks")
+            parent, _, leaf = name.rpartition(".")
+            subs = packed.get(leaf, [leaf])
+            if len(subs) != len(slices):
+                continue
+            off, entries = 0, []
+            for sub, size in zip(subs, slices):
+                path = f"{parent}.{sub}" if parent else sub
+                layer_dims[path] = (int(module.input_size), int(size))
+                entries.append((path, off, int(size)))
+                off += int(size)
+            self.layer_slices[name] = entries
+            if dtype is None:
+                w = getattr(module.base_layer, "weight", None)
+                if isinstance(w, torch.Tensor) and w.is_floating_point():
+                    dtype = w.dtype
+        cfg = manager.lora_config
+        slots = _env_int("MOS_EXT_VLLM_SLOTS", 8)
+        self.store = AdapterStore(
+            layer_dims=layer_dims,
+            target_modules=sorted({p.rsplit(".", 1)[-1] for p in layer_dims}),
+            capacity_bytes=int(_env_float("MOS_EXT_VLLM_CAPACITY_MB", 256.0) * (1 << 20)),
+            max_tenants=_env_int("MOS_EXT_VLLM_MAX_TENANTS", 256),
+            max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
+            slots=slots, dtype=dtype or cfg.lora_dtype or torch.float32, device=manager.device)
+        # layer attributes read by the patched _apply_lora_to_output
+        for name, entries in self.layer_slices.items():
+            module = manager.modules[name]
+            module._mos_runtime = self
+            module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
+                                  if path in self.store.layers]
+        # A batch holds at most max_loras distinct adapters; if each may take at most 1/max_loras of
+        # every pool, the adapters of any batch fit together, so a tenant evicted for room can always
+        # come back (from the host copy below, never from its directory), and no request is ever served
+        # without its adapter.
+        self.max_loras = int(cfg.max_loras)
+        if self.store.max_tenants < self.max_loras:
+            raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TENANTS={self.store.max_tenants} is below "
+                                  f"--max-loras {self.max_loras}: one batch's adapters would not fit")
+        self.specs: Dict[int, object] = {}  # vLLM lora id -> its AdapterSpec, in host memory (reload source)
+        self.paths: Dict[int, Tuple[str, str]] = {}  # vLLM lora id -> (name, directory)
+        self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
+        self.seg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._lock = threading.RLock()
+        import mos_ext
+
+        # tables are validated once when written; the hot path runs without per-call value checks
+        if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
+            mos_ext.set_index_checks(False)
+
+    @staticmethod
+    def key(lora_id: int) -> str:
+        return f"vllm-{int(lora_id)}"
+
+    def _pinned(self, extra=()) -> set:
+        return {i for i in self.manager.lora_index_to_id if i is not None} | set(extra)
+
+    def load(self, lora_id: int, name: str, path: str, *, replace: bool, pinned=()) -> int:
+        """Load ``path`` as vLLM adapter ``lora_id``; returns its rank. Evicts LRU tenants for room."""
+        from ..serving import CapacityError
+
+        with self._lock:
+            key = self.key(lora_id)
+            if key in self.store and not replace:
+                self.lru.move_to_end(lora_id)
+                self.paths[lora_id] = (name, path)
+                return self.store.info(key)["rank"]
+            if not replace and lora_id in self.specs:  # evicted earlier: back from the host copy
+                spec = self.specs[lora_id]
+            else:
+                try:
+                    spec = self.store.read(path)
+                except (ValueError, TypeError, KeyError, OSError) as e:
+                    raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
+            need = self.store.rows_needed(spec)
+            over = {k: n for k, n in need.items() if n > self.store.rows}
+            if over:  # larger than the whole store: refuse without evicting anyone
+                (typ, side), n = next(iter(over.items()))
+                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}, "
+                                      f"more than the store's whole capacity of {self.store.rows} rows per type "
+                                      f"(raise MOS_EXT_VLLM_CAPACITY_MB)")
+            share = self.store.rows // self.max_loras
+            over = {k: n for k, n in need.items() if n > share}
+            if over:  # would not fit beside max_loras - 1 others in one batch
+                (typ, side), n = next(iter(over.items()))
+                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}; "
+                                      f"with --max-loras {self.max_loras} an adapter may use at most {share} of the "
+                                      f"store's capacity of {self.store.rows} rows per type, so that any batch's "
+                                      f"adapters fit together (raise MOS_EXT_VLLM_CAPACITY_MB or lower --max-loras)")
+            if key in self.store:  # in-place reload: the new contents replace the old ones
+                self.store.unload(key)
+                self.lru.pop(lora_id, None)
+            keep = self._pinned(pinned) - {lora_id}
+            while True:
+                try:
+                    self.store.load(key, spec)
+                    break
+                except CapacityError as e:
+                    victim = next((i for i in self.lru if i not in keep), None)
+                    if victim is None:
+                        raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: beyond the store's capacity even "
+                                              f"with every evictable tenant evicted: {e} (raise "
+                                              f"MOS_EXT_VLLM_CAPACITY_MB / MOS_EXT_VLLM_MAX_TENANTS)") from None
+                    self.store.unload(self.key(victim))
+                    self.lru.pop(victim)
+                    _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
+                                "from its host copy when requested", self.paths[victim][0], name)
+            self.lru[lora_id] = None
+            self.paths[lora_id] = (name, path)
+            self.specs[lora_id] = spec
+            return spec.rank
+
+    def set_mapping(self, index_mapping) -> None:
+        """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""
+        with self._lock:
+            ids = sorted({int(i) for i in index_mapping if i > 0})
+            for i in ids:  # a tenant evicted for room comes back from its host copy
+                if self.key(i) not in self.store and i in self.paths:
+                    name, path = self.paths[i]
+                    # cannot fail for room (each adapter <= capacity / max_loras) nor for files (host copy);
+                    # if it ever did, raise: serving the requests without their adapter would be silently wrong
+                    self.load(i, name, path, replace=False, pinned=ids)
+                if i in self.lru:
+                    self.lru.move_to_end(i)
+            if not ids:
+                self.seg = None
+                return
+            slot_of = {0: -1}
+            for i in ids:
+                k = self.key(i)
+                slot_of[i] = self.store.slot(k) if k in self.store else -1  # not ours (vLLM dummy): untouched
+            toks = torch.tensor([slot_of.get(int(i), -1) if i > 0 else -1 for i in index_mapping], dtype=torch.int32)
+            vals, counts = torch.unique_consecutive(toks, return_counts=True)
+            if bool((vals < 0).all()):
+                self.seg = None
+                return
+            indptr = torch.zeros(vals.numel() + 1, dtype=torch.int32)
+            indptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+            dev = self.store.device
+            self.seg = (indptr.to(dev), vals.to(torch.int32).to(dev))
+
+    def apply(self, module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        seg = self.seg
+        if seg is None or not module._mos_slices:
+            return output
+        ip, tn = seg
+        st = self.store
+        xs = x if x.dtype == st.dtype else x.to(st.dtype)
+        if xs.stride(-1) != 1:
+            xs = xs.contiguous()
+        y = output if output.dtype == st.dtype else torch.zeros(output.shape, dtype=st.dtype, device=output.device)
+        for path, key, off, size in module._mos_slices:
+            view = y if (off == 0 and size == y.shape[1]) else y[:, off:off + size]
+            torch.ops.mos.sgmv(view, xs, st.pool_a[key], st.pool_b[key], st.idx_a[path], st.idx_b[path], st.scale,
+                               ip, tn)
+        if y is not output:
+            output = output + y.to(output.dtype)
+        return output
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("vllm.mos_ext")  # under vLLM's logger: printed with its own lines
+
+
+def _runtime(manager) -> _Runtime:
+    rt = getattr(manager, "_mos_runtime", None)
+    if rt is None:
+        rt = _Runtime(manager)
+        manager._mos_runtime = rt
+    return rt
+
+
+# ---------------------------------------------------------------------------------------- patches
+def _patch_worker():
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    orig_load = WorkerLoRAManager._load_adapter
+
+    def _load_adapter(self, lora_request):
+        path = lora_request.lora_path
+        if not is_mos_readable(path):
+            return orig_load(self, lora_request)
+        rt = _runtime(self._adapter_manager)
+        rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
+                       replace=bool(getattr(lora_request, "load_inplace", False)))
+        # a LoRAModel without weights for any module (vLLM wants one entry; its name matches no
+        # module): vLLM's slots stay zero, the math runs from the store
+        marker = LoRALayerWeights(SHELL_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1))
+        return LoRAModel(lora_request.lora_int_id, rank, {SHELL_MODULE: marker})
+
+    orig_map = LoRAModelManager.set_adapter_mapping
+
+    def set_adapter_mapping(self, mapping):
+        _runtime(self).set_mapping(mapping.index_mapping)
+        return orig_map(self, mapping)
+
+    orig_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
+
+    def _apply_lora_to_output(self, x, output):
+        rt = getattr(self, "_mos_runtime", None)
+        if rt is None:
+            return orig_apply(self, x, output)
+        shape3 = output.shape if output.ndim == 3 else None
+        if x.ndim == 3 and output.ndim == 3:
+            output, x = output.flatten(0, 1), x.flatten(0, 1)
+        output = rt.apply(self, x, output)
+        return output.reshape(shape3) if shape3 is not None else output
+
+    for cls, name, fn in ((WorkerLoRAManager, "_load_adapter", _load_adapter),
+                          (LoRAModelManager, "set_adapter_mapping", set_adapter_mapping),
+                          (BaseLinearLayerWithLoRA, "_apply_lora_to_output", _apply_lora_to_output)):
+        fn.__mos_ext_patched__ = True
+        setattr(cls, name, fn)
+
+
+def _patch_api_server():
+    try:
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    except ImportError:  # pragma: no cover - not an API-server build
+        return
+    from http import HTTPStatus
+
+    orig = OpenAIServingModels.load_lora_adapter
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        out = await orig(self, request, base_model_name=base_model_name)
+        err = getattr(out, "error", None)
+        if err is not None and ERROR_PREFIX in str(err.message) and int(err.code) >= 500:
+            msg = str(err.message)
+            msg = msg[msg.index(ERROR_PREFIX):]
+            cut = msg.find("', please check the stack trace")  # vLLM's wrapping of worker errors
+            msg = msg[:cut] if cut > 0 else msg
+            return create_error_response(message=msg, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+        return out
+
+    load_lora_adapter.__mos_ext_patched__ = True
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: idempotent; refuses an untested vLLM."""
+    global _patched
+    if not enabled():
+        return
+    with _patch_lock:
+        if _patched:
+            return
+        import vllm
+
+        check_version(getattr(vllm, "__version__", "unknown"))
+        from vllm.lora.worker_manager import WorkerLoRAManager
+
+        if getattr(WorkerLoRAManager._load_adapter, "__mos_ext_patched__", False):  # e.g. module reloaded
+            _patched = True
+            return
+        _patch_worker()
+        _patch_api_server()
+        _patched = True

