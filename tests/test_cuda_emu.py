@@ -1,0 +1,215 @@
+"""The CUDA kernels (csrc/cuda/) run on the CPU by the host emulator (tools/cuda_emu),
+against ``mos_ext.reference``, with the path each call takes checked.
+
+Grid: bf16 / fp16 activations x pools in the activation dtype or fp32 (per side) x
+layouts (16-byte aligned rows -> the fast path; offset row views -> the generic
+fallback) x shapes (decode with many tenants and mixed ranks, a prefill-like
+batch, 3000 segments with empty and -1 segments so the fast path's segment
+pre-pass runs) x ops (sgmv, sgmv_shrink, sgmv_expand). Plus: fp32 activations
+and shard lengths that are not multiples of 8 fall back; MOS_EXT_CUDA_PATH=generic
+forces the fallback; a 16-byte access the dispatch let through misaligned would
+fail the launch (the emulator checks every one).
+
+Needs g++, ninja and the CUDA headers (no GPU); skipped without them. The first
+run builds the emulator (~1 minute; cached in $MOS_EMU_BUILD).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import mos_ext
+from mos_ext import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMU_DIR = os.path.join(HERE, "..", "tools", "cuda_emu")
+
+
+def _emu():
+    sys.path.insert(0, EMU_DIR)
+    try:
+        os.environ.setdefault("MOS_EMU_NO_AUTOLOAD", "1")
+        import build  # noqa: E402
+    finally:
+        sys.path.remove(EMU_DIR)
+    if build.cuda_include() is None or shutil.which("g++") is None or shutil.which("ninja") is None:
+        pytest.skip("cuda_emu needs g++, ninja and the CUDA headers")
+    return build.load()
+
+
+@pytest.fixture(scope="module")
+def E():
+    return _emu()
+
+
+@pytest.fixture(autouse=True)
+def _path_env():
+    old = os.environ.pop("MOS_EXT_CUDA_PATH", None)
+    yield
+    os.environ.pop("MOS_EXT_CUDA_PATH", None)
+    if old is not None:
+        os.environ["MOS_EXT_CUDA_PATH"] = old
+
+
+TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def close(out, ref, what):
+    tol = TOL[ref.dtype] if ref.dtype in TOL else 3e-5
+    ref64 = ref.double()
+    mag = max(1.0, ref64.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref64, rtol=tol, atol=tol * mag, msg=lambda m: f"{what}: {m}")
+
+
+def rows(n, w, dtype, gen, aligned):
+    """[n, w] activation: 16-byte aligned rows (stride rounded up to 8 elements), or an
+    offset view (pointer 2 bytes past a 16-byte boundary) that must fall back."""
+    if aligned:
+        st = (w + 7) // 8 * 8 + 8
+        base = torch.randn(n, st, generator=gen, dtype=torch.float64).to(dtype)
+        return base[:, :w]
+    base = torch.randn(n, w + 9, generator=gen, dtype=torch.float64).to(dtype)
+    return base[:, 1:w + 1]
+
+
+def segments(N, T, S, gen, empties=True):
+    if S == 0:
+        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    covered = N if torch.rand(1, generator=gen).item() < 0.6 else int(torch.randint(0, N + 1, (1,), generator=gen))
+    cuts = sorted(torch.randint(0, covered + 1, (S - 1,), generator=gen).tolist())
+    ptr = [0] + cuts + [covered]
+    if empties:
+        for g in range(1, S, 5):
+            ptr[g] = ptr[g - 1]
+    ptr = sorted(ptr)
+    ten = torch.randint(0, T, (S,), generator=gen)
+    ten[torch.rand(S, generator=gen) < 0.2] = -1
+    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
+
+
+def table(T, r, l, P, gen):
+    """Mixed ranks: tenant t keeps a random rank and pads the rest with -1."""
+    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
+    ranks = torch.randint(0, r + 1, (T,), generator=gen)
+    ranks[torch.rand(T, generator=gen) < 0.5] = r
+    for t in range(T):
+        idx[t, int(ranks[t]):] = -1
+    return idx
+
+
+def problem(*, N, h, l_a, o, l_b, r, T, S, dtype, pa, pb, aligned, seed):
+    gen = torch.Generator().manual_seed(seed)
+    s_a, s_b = h // l_a, o // l_b
+    P_a, P_b = max(2, T * r * l_a // 2 + 3), max(2, T * r * l_b // 2 + 5)
+    x = rows(N, h, dtype, gen, aligned)
+    y = rows(N, o, dtype, gen, aligned)
+    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
+    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    idx_a, idx_b = table(T, r, l_a, P_a, gen), table(T, r, l_b, P_b, gen)
+    idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).float()
+    ip, tn = segments(N, T, S, gen)
+    return dict(x=x, y=y, pool_a=pool_a, pool_b=pool_b, idx_a=idx_a, idx_b=idx_b, scale=scale, ip=ip, tn=tn)
+
+
+SHAPES = {
+    # name: N, h, l_a, o, l_b, r, T, S
+    "decode": (64, 256, 4, 512, 8, 16, 48, 64),
+    "prefill": (150, 384, 2, 128, 1, 24, 3, 4),
+    "lora_l1": (40, 128, 1, 96, 1, 8, 5, 12),
+    "segs3000": (3200, 64, 2, 32, 1, 5, 7, 3000),
+}
+
+
+def run_all(E, p, expect_fast, what):
+    x, y0 = p["x"], p["y"]
+    pa, pb, ia, ib, sc, ip, tn = p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"]
+    # fused
+    y = y0.clone() if y0.is_contiguous() else _clone_view(y0)
+    E.sgmv(y, x, pa, pb, ia, ib, sc, ip, tn)
+    assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: sgmv took {E.last_sgmv_path()!r}"
+    yr = reference.sgmv(y0.clone(), x, pa, pb, ia, ib, sc, ip, tn)
+    close(y, yr, f"{what} sgmv")
+    untouched = (yr == y0).all(1)
+    assert torch.equal(y[untouched], y0[untouched]), f"{what}: sgmv touched rows outside segments"
+    # shrink
+    v = E.sgmv_shrink(x, pa, ia, ip, tn)
+    assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: shrink took {E.last_sgmv_path()!r}"
+    close(v, reference.sgmv_shrink(x, pa, ia, ip, tn), f"{what} shrink")
+    # expand
+    vv = torch.randn(x.shape[0], ib.shape[1], dtype=torch.float32)
+    y = _clone_view(y0)
+    E.sgmv_expand(y, vv, pb, ib, sc, ip, tn)
+    assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: expand took {E.last_sgmv_path()!r}"
+    close(y, reference.sgmv_expand(y0.clone(), vv, pb, ib, sc, ip, tn), f"{what} expand")
+
+
+def _clone_view(t):
+    """Same values, same strides and same 16-byte phase as ``t``."""
+    st = t.stride(0)
+    base = torch.empty(t.shape[0] * st + 16, dtype=t.dtype)
+    phase = (t.data_ptr() % 16) // t.element_size()
+    while (base.data_ptr() + 0) % 16 != 0:  # allocator gives 64-byte alignment; keep it general
+        base = torch.empty(t.shape[0] * st + 16, dtype=t.dtype)
+    out = base[phase:phase + t.shape[0] * st].view(t.shape[0], st)[:, :t.shape[1]]
+    out.copy_(t)
+    return out
+
+
+POOLS = [(None, None), ("f32", "f32"), ("f32", None), (None, "f32")]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_grid(E, shape, dtype, aligned):
+    N, h, l_a, o, l_b, r, T, S = SHAPES[shape]
+    pools = POOLS if (shape != "segs3000" and aligned) else POOLS[:2]
+    for k, (pa, pb) in enumerate(pools):
+        p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=dtype,
+                    pa=torch.float32 if pa else None, pb=torch.float32 if pb else None,
+                    aligned=aligned, seed=11 * k + len(shape))
+        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}")
+
+
+def test_fallbacks(E):
+    # fp32 activations, shard length not a multiple of 8, forced generic
+    p = problem(N=30, h=96, l_a=3, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.float32, pa=None, pb=None,
+                aligned=True, seed=1)
+    run_all(E, p, False, "fp32")
+    p = problem(N=30, h=36, l_a=3, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=2)
+    y = p["y"].clone()
+    E.sgmv(y, p["x"], p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    assert E.last_sgmv_path() == "shard length is not a multiple of 8"
+    p = problem(N=30, h=64, l_a=2, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=3)
+    os.environ["MOS_EXT_CUDA_PATH"] = "generic"
+    run_all(E, p, False, "forced generic")
+    os.environ["MOS_EXT_CUDA_PATH"] = "fast"
+    run_all(E, p, True, "forced fast")
+    os.environ["MOS_EXT_CUDA_PATH"] = "bogus"
+    with pytest.raises(ValueError, match="MOS_EXT_CUDA_PATH"):
+        run_all(E, p, True, "bogus")
+
+
+def test_nonfinite_padded_rows(E):
+    """Inf / NaN in x do not leak through padded (-1) rank rows: they are skipped."""
+    p = problem(N=20, h=64, l_a=2, o=64, l_b=2, r=8, T=2, S=3, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=5)
+    p["idx_a"][:, 4:] = -1
+    p["idx_b"][:, 4:] = -1
+    pb = p["pool_b"].clone()
+    used = set(p["idx_b"][:, :4].flatten().tolist())
+    spare = [i for i in range(pb.shape[0]) if i not in used]
+    if spare:
+        pb[spare] = float("nan")
+    y = _clone_view(p["y"])
+    E.sgmv(y, p["x"], p["pool_a"], pb, p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    assert E.last_sgmv_path() == "fast"
+    yr = reference.sgmv(p["y"].clone(), p["x"], p["pool_a"], pb, p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    close(y, yr, "nonfinite")
