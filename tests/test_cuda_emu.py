@@ -121,31 +121,54 @@ SHAPES = {
     "decode": (64, 256, 4, 512, 8, 16, 48, 64),
     "prefill": (150, 384, 2, 128, 1, 24, 3, 4),
     "lora_l1": (40, 128, 1, 96, 1, 8, 5, 12),
+    "segs300": (320, 64, 2, 32, 1, 5, 7, 300),
     "segs3000": (3200, 64, 2, 32, 1, 5, 7, 3000),
 }
+# The oracle per shape: the plain-torch reference, or for thousands of segments
+# (where its per-segment Python loop takes tens of seconds) the CPU ops, which
+# tests/test_sgmv*.py check against the reference.
+ORACLE = {name: "ref" for name in SHAPES}
+ORACLE["segs3000"] = "cpu"
 
 
-def run_all(E, p, expect_fast, what):
+def run_all(E, p, expect_fast, what, oracle="ref"):
+    R = reference if oracle == "ref" else _CpuOps
     x, y0 = p["x"], p["y"]
     pa, pb, ia, ib, sc, ip, tn = p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"]
     # fused
     y = y0.clone() if y0.is_contiguous() else _clone_view(y0)
     E.sgmv(y, x, pa, pb, ia, ib, sc, ip, tn)
     assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: sgmv took {E.last_sgmv_path()!r}"
-    yr = reference.sgmv(y0.clone(), x, pa, pb, ia, ib, sc, ip, tn)
+    yr = R.sgmv(_clone_view(y0), x, pa, pb, ia, ib, sc, ip, tn)
     close(y, yr, f"{what} sgmv")
     untouched = (yr == y0).all(1)
     assert torch.equal(y[untouched], y0[untouched]), f"{what}: sgmv touched rows outside segments"
     # shrink
     v = E.sgmv_shrink(x, pa, ia, ip, tn)
     assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: shrink took {E.last_sgmv_path()!r}"
-    close(v, reference.sgmv_shrink(x, pa, ia, ip, tn), f"{what} shrink")
+    close(v, R.sgmv_shrink(x, pa, ia, ip, tn), f"{what} shrink")
     # expand
     vv = torch.randn(x.shape[0], ib.shape[1], dtype=torch.float32)
     y = _clone_view(y0)
     E.sgmv_expand(y, vv, pb, ib, sc, ip, tn)
     assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: expand took {E.last_sgmv_path()!r}"
-    close(y, reference.sgmv_expand(y0.clone(), vv, pb, ib, sc, ip, tn), f"{what} expand")
+    close(y, R.sgmv_expand(_clone_view(y0), vv, pb, ib, sc, ip, tn), f"{what} expand")
+
+
+class _CpuOps:
+    @staticmethod
+    def sgmv(y, *a):
+        torch.ops.mos.sgmv(y, *a)
+        return y
+
+    @staticmethod
+    def sgmv_expand(y, *a):
+        torch.ops.mos.sgmv_expand(y, *a)
+        return y
+
+    @staticmethod
+    def sgmv_shrink(*a):
+        return torch.ops.mos.sgmv_shrink(*a)
 
 
 def _clone_view(t):
@@ -168,12 +191,18 @@ POOLS = [(None, None), ("f32", "f32"), ("f32", None), (None, "f32")]
 @pytest.mark.parametrize("aligned", [True, False])
 def test_grid(E, shape, dtype, aligned):
     N, h, l_a, o, l_b, r, T, S = SHAPES[shape]
-    pools = POOLS if (shape != "segs3000" and aligned) else POOLS[:2]
+    if shape == "segs3000" and not aligned:
+        pytest.skip("the generic kernels' segment search is quadratic in S: too slow to emulate at 3000")
+    # every pool combination per shape across the two dtypes (fast path); one per
+    # case for the fallback and the many-segment shapes
+    pools = POOLS[0::2] if dtype == torch.bfloat16 else POOLS[1::2]
+    if shape.startswith("segs") or not aligned:
+        pools = pools[:1]
     for k, (pa, pb) in enumerate(pools):
         p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=dtype,
                     pa=torch.float32 if pa else None, pb=torch.float32 if pb else None,
                     aligned=aligned, seed=11 * k + len(shape))
-        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}")
+        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}", ORACLE[shape])
 
 
 def test_fallbacks(E):
