@@ -116,7 +116,7 @@ __device__ __forceinline__ void fast_shrink(const XT* __restrict__ x, int64_t x_
     for (int q = 0; q < kFastBM; ++q)
 #pragma unroll
       for (int jj = 0; jj < kFastJR; ++jj) acc[q][jj] = 0.f;
-#pragma unroll 2
+#pragma unroll 1
     for (int c = lane; c < nchunks; c += 32) {
       const int k = c << 3;
       const int i = k / s;  // the slot, once per chunk, 32-bit
