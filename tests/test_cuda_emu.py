@@ -267,3 +267,51 @@ def test_checks_off_garbage(E, S):
     finally:
         mos_ext.set_index_checks(prev)
         E.set_index_checks(True)
+
+
+# ----------------------------------------------------------------------------
+# shard_grad: the tensor-core kernel (bf16, non-deterministic) and its fallbacks
+
+
+def _grad_problem(N, h, l, r, T, S, dtype, aligned, seed):
+    p = problem(N=N, h=h, l_a=l, o=8, l_b=1, r=r, T=T, S=S, dtype=dtype, pa=None, pb=None, aligned=aligned,
+                seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    u = torch.randn(N, r, generator=gen) * 3
+    g0 = torch.randn(p["pool_a"].shape, generator=gen)
+    return p, u, g0
+
+
+def _grad_bound(p, u, g0):
+    """Documented error bound of the tensor-core path, elementwise: 2^-16 relative per
+    product (u split into bf16 hi + lo) plus fp32 summation (a generous 2^-20 relative)."""
+    absref = reference.shard_grad(torch.zeros_like(g0, dtype=torch.float64), u.abs().double(), p["x"].abs().double(),
+                                  p["idx_a"], p["scale"].abs(), p["ip"], p["tn"])
+    return absref * (2.0 ** -16 + 2.0 ** -20) + 1e-6 * g0.abs().double()
+
+
+@pytest.mark.parametrize("N,h,l,r,T,S", [(200, 256, 4, 16, 5, 7), (150, 96, 1, 20, 3, 2), (700, 64, 2, 5, 9, 400)])
+def test_shard_grad_tensor_core(E, N, h, l, r, T, S):
+    p, u, g0 = _grad_problem(N, h, l, r, T, S, torch.bfloat16, True, seed=N + S)
+    g = g0.clone()
+    E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], False)
+    assert E.last_sgmv_path() == "fast"
+    ref = reference.shard_grad(g0.double(), u.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"], p["tn"])
+    err = (g.double() - ref).abs()
+    bound = _grad_bound(p, u, g0)
+    assert (err <= bound).all(), f"max err {err.max().item()} exceeds the stated bound at {int((err > bound).sum())} elements"
+    untouched = (ref == g0.double()).all(1)
+    assert torch.equal(g[untouched], g0[untouched])
+
+
+def test_shard_grad_fallbacks(E):
+    for dtype, aligned, det, why in [(torch.float16, True, False, "activations are not bf16"),
+                                     (torch.bfloat16, False, False, "activation rows are not 16-byte aligned"),
+                                     (torch.bfloat16, True, True, "deterministic mode")]:
+        p, u, g0 = _grad_problem(60, 64, 2, 8, 3, 4, dtype, aligned, seed=4)
+        g = g0.clone()
+        E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+        assert E.last_sgmv_path().startswith(why), E.last_sgmv_path()
+        gc = g0.clone()
+        torch.ops.mos.shard_grad(gc, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], False)
+        close(g, gc, f"shard_grad fallback {why}")

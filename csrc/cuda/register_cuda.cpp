@@ -85,7 +85,7 @@ at::Tensor fast_workspace(const SgmvPlan& plan, const at::Tensor& like) {
 
 void* ws_ptr(const at::Tensor& ws) { return ws.defined() ? ws.data_ptr() : nullptr; }
 
-// The plan of this thread's latest sgmv-family call ("fast" or why not), for tests.
+// The plan of this thread's latest sgmv-family or shard_grad call ("fast" or why not), for tests.
 thread_local const char* g_last_path = "";
 
 SgmvPlan plan_call(SgmvKind kind, DType act, const void* x, int64_t x_stride, const void* y, int64_t y_stride,
@@ -205,10 +205,19 @@ void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at:
   t.s = d.s;
   t.l = d.l;
   t.r = d.r;
-  C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
-                                   to_dtype(x.scalar_type()), t, scale.data_ptr<float>(),
-                                   make_segments(seg_indptr, seg_tenant, x.size(0), d.T), deterministic,
-                                   current_stream()));
+  const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), d.T);
+  const DType act = to_dtype(x.scalar_type());
+  const SgmvPlan plan =
+      plan_shard_grad(cuda_path(), act, x.data_ptr(), x.stride(0), grad_pool.data_ptr(), t, seg, deterministic);
+  g_last_path = plan.reason;
+  if (plan.fast) {
+    const at::Tensor ws = fast_workspace(plan, x);
+    C10_CUDA_CHECK(launch_shard_grad_fast(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
+                                          t, scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
+    return;
+  }
+  C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0), act, t,
+                                   scale.data_ptr<float>(), seg, deterministic, current_stream()));
 }
 
 }  // namespace

@@ -68,7 +68,7 @@ cudaError_t run_fast(void* y, int64_t y_stride, const void* x, int64_t x_stride,
     if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
     int4* meta = static_cast<int4*>(workspace);
     int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
-    fast_items_kernel<<<1, kItemsThreads, 0, stream>>>(meta, item_seg, bound, sg, kFastBM);
+    fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, bound, sg, kFastBM);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     fi.meta = meta;

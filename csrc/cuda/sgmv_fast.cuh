@@ -42,7 +42,7 @@ constexpr int kFastJR = 4;                          // rank rows per warp per sh
 constexpr int kFastPassRows = kFastWarps * kFastJR; // rank rows per shrink pass
 constexpr int kFastMaxRank = 1024;                  // v tile kFastBM x r fp32 in shared memory (16 KiB)
 constexpr int kFastInlineSegments = kFastThreads;   // up to this many segments, locate inline
-constexpr int kItemsThreads = 1024;                 // pre-pass block size
+constexpr int kItemsBlock = 1024;                   // pre-pass block size
 
 enum FastMode : int { kFastFused = 0, kFastShrink = 1, kFastExpand = 2 };
 
@@ -53,9 +53,12 @@ struct FastItems {
   const int32_t* item_seg = nullptr;
 };
 
-// Grid 1 block of kItemsThreads. Linear in S + bound.
-__global__ void __launch_bounds__(kItemsThreads)
+// Grid 1 block of NT = kItemsBlock. Linear in S + bound. (A template so that
+// every translation unit that launches it may define it.)
+template <int NT>
+__global__ void __launch_bounds__(NT)
     fast_items_kernel(int4* __restrict__ meta, int32_t* __restrict__ item_seg, int64_t bound, SegArgs sg, int BM) {
+  constexpr int kItemsThreads = NT;
   __shared__ int wbuf[kItemsThreads / 32 + 1];
   __shared__ int incl_s[kItemsThreads];
   const int tid = threadIdx.x;
@@ -86,14 +89,15 @@ __global__ void __launch_bounds__(kItemsThreads)
   for (int64_t e = before + tid; e < bound; e += kItemsThreads) item_seg[e] = -1;
 }
 
-template <int NT>
+// Item b (tiles of at most BM tokens): from the pre-pass workspace, or found inline.
+template <int NT, int BM = kFastBM>
 __device__ __forceinline__ ItemInfo fast_item(const SegArgs& sg, const FastItems& fi, int64_t b) {
-  if (fi.meta == nullptr) return locate_item<NT>(sg, b, kFastBM);  // uniform branch
+  if (fi.meta == nullptr) return locate_item<NT>(sg, b, BM);  // uniform branch
   const int g = fi.item_seg[b];
   if (g < 0) return ItemInfo{0, 0, -1};
   const int4 mt = fi.meta[g];
-  const int n0 = mt.x + static_cast<int>(b - mt.w) * kFastBM;
-  return ItemInfo{n0, min(n0 + kFastBM, mt.y), mt.z};
+  const int n0 = mt.x + static_cast<int>(b - mt.w) * BM;
+  return ItemInfo{n0, min(n0 + BM, mt.y), mt.z};
 }
 
 // v rows of the item for rank passes [pass0, pass1): out[q * out_ld + j].

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 #include <functional>
+#include <type_traits>
 #undef __global__
 #undef __device__
 #undef __host__
@@ -30,7 +31,7 @@
 #define __shared__ static
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 
 #define MOS_CUDA_EMU 1
@@ -111,6 +112,74 @@ inline float atomicAdd(float* p, float v) { return emu::atomic_add(p, v); }
 inline double atomicAdd(double* p, double v) { return emu::atomic_add(p, v); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
+inline float4 atomicAdd(float4* p, float4 v) {  // sm_90's vector reduction (not used by the emulated path)
+  float4 o = *p;
+  p->x += v.x; p->y += v.y; p->z += v.z; p->w += v.w;
+  return o;
+}
+
+// WMMA at the fragment API level (16x16x16 only): each lane's fragment holds the
+// whole tile as floats (bf16 / fp16 values are exact in float), so the element
+// layout inside a real fragment is not modelled; code must not index frag.x.
+// Every collective starts with a warp barrier (a lane that skips it deadlocks,
+// which the emulator reports) and checks the pointer (32-byte) and ldm rules.
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "cuda_emu: only 16x16x16 WMMA is emulated");
+  float v[16][16];
+};
+inline float emu_to_float(float f) { return f; }
+inline float emu_to_float(__half h) { return __half2float(h); }
+inline float emu_to_float(__nv_bfloat16 b) { return __bfloat162float(b); }
+inline void emu_check(const void* p, unsigned ldm, size_t esize) {
+  emu::syncwarp();
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu::fault("WMMA pointer not 32-byte aligned", __FILE__, __LINE__);
+  if ((ldm * esize) % 16 != 0) emu::fault("WMMA ldm not a multiple of 16 bytes", __FILE__, __LINE__);
+}
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  emu_check(p, ldm, sizeof(T));
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.v[i][j] = emu_to_float(std::is_same<L, col_major>::value ? p[j * ldm + i] : p[i * ldm + j]);
+  emu::syncwarp();
+}
+template <class T>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T val) {
+  for (auto& row : f.v)
+    for (auto& e : row) e = static_cast<float>(val);
+}
+template <class TA, class LA, class TB, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  static_assert(std::is_same<TA, TB>::value, "WMMA: A and B element types differ");
+  emu::syncwarp();
+  float out[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float acc = c.v[i][j];
+      for (int k = 0; k < 16; ++k) acc += a.v[i][k] * b.v[k][j];
+      out[i][j] = acc;
+    }
+  std::memcpy(d.v, out, sizeof(out));
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  emu_check(p, ldm, sizeof(float));
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) (l == mem_col_major ? p[j * ldm + i] : p[i * ldm + j]) = f.v[i][j];
+  emu::syncwarp();
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 template <class R, class... A>
 inline cudaError_t cudaFuncSetAttribute(R (*f)(A...), cudaFuncAttribute a, int v) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
