@@ -128,6 +128,7 @@ done
 # kernel-name regex | required mnemonics (space-separated regexes) | forbidden
 SASS_RULES='
 sgmv_fast_kernel|LDG\.E\.128|LDL STL CALL
+sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128|LDL STL CALL
 shard_grad_tc_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
 fast_items_kernel||LDL STL CALL
 '

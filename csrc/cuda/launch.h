@@ -90,7 +90,8 @@ enum class SgmvKind : int32_t { Fused = 0, Shrink = 1, Expand = 2 };
 
 struct SgmvPlan {
   bool fast = false;
-  const char* reason = "";     // "fast", or why the generic kernels run
+  bool prefill = false;        // fused only: the tensor-core prefill kernel (sgmv_prefill.cuh)
+  const char* reason = "";     // "fast...", or why the generic kernels run
   size_t workspace_bytes = 0;  // device scratch the fast launch needs (16-byte aligned), 0 if none
 };
 
@@ -98,7 +99,9 @@ struct SgmvPlan {
 // a device read: capture-safe). The fast path needs fp16 / bf16 activations,
 // pools in that dtype or fp32, shard lengths that are multiples of 8, 16-byte
 // aligned pools and activation rows (pointer and row stride), 32-bit
-// dimensions, and (fused, expand) rank <= 1024. `a` is used unless kind is
+// dimensions, and (fused, expand) rank <= 1024. The fused op on bf16 with rank
+// <= 64 and long segments on average (N >= 64 and N >= 32 * S) takes the
+// tensor-core prefill kernel (prefill = true). `a` is used unless kind is
 // Expand, `b` unless kind is Shrink; x / y likewise.
 SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64_t x_stride, const void* y,
                    int64_t y_stride, const Table* a, const Table* b, const Segments& seg);
@@ -110,6 +113,12 @@ SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64
 cudaError_t launch_sgmv_fast(SgmvKind kind, void* y, int64_t y_stride, const void* x, int64_t x_stride, void* v,
                              int64_t v_stride, DType act, const Table* a, const Table* b, const float* scale,
                              const Segments& seg, void* workspace, cudaStream_t stream);
+
+// The tensor-core prefill kernel (sgmv_prefill.cuh), for a Fused plan with
+// prefill = true (bf16 activations; pools bf16 or fp32).
+cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const Table& a,
+                                const Table& b, const float* scale, const Segments& seg, void* workspace,
+                                cudaStream_t stream);
 
 // shard_grad: the tensor-core kernel (shard_grad_tc.cuh) for bf16 activations,
 // shard lengths multiple of 8, 16-byte aligned x rows and grad, deterministic =

@@ -177,6 +177,11 @@ void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_
       plan_call(SgmvKind::Fused, act, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), &ta, &tb, seg);
   if (plan.fast) {
     const at::Tensor ws = fast_workspace(plan, x);
+    if (plan.prefill) {
+      C10_CUDA_CHECK(launch_sgmv_prefill(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), ta, tb,
+                                         scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
+      return;
+    }
     C10_CUDA_CHECK(launch_sgmv_fast(SgmvKind::Fused, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), nullptr, 0,
                                     act, &ta, &tb, scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
     return;

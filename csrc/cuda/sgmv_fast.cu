@@ -3,6 +3,7 @@
 // capture-safe), and the launchers.
 #include "dispatch.cuh"
 #include "sgmv_fast.cuh"
+#include "sgmv_prefill.cuh"
 
 namespace mos {
 namespace gpu {
@@ -33,6 +34,18 @@ MOS_FAST_INSTANTIATE_HALVES(__half, float)
 MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, __nv_bfloat16)
 MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, float)
 #undef MOS_FAST_INSTANTIATE_HALVES
+
+template __global__ void sgmv_prefill_kernel<__nv_bfloat16, __nv_bfloat16>(__nv_bfloat16*, int64_t,
+                                                                          const __nv_bfloat16*, int64_t, const float*,
+                                                                          SideArgs, SideArgs, SegArgs, FastItems);
+template __global__ void sgmv_prefill_kernel<float, __nv_bfloat16>(__nv_bfloat16*, int64_t, const __nv_bfloat16*,
+                                                                  int64_t, const float*, SideArgs, SideArgs, SegArgs,
+                                                                  FastItems);
+template __global__ void sgmv_prefill_kernel<__nv_bfloat16, float>(__nv_bfloat16*, int64_t, const __nv_bfloat16*,
+                                                                  int64_t, const float*, SideArgs, SideArgs, SegArgs,
+                                                                  FastItems);
+template __global__ void sgmv_prefill_kernel<float, float>(__nv_bfloat16*, int64_t, const __nv_bfloat16*, int64_t,
+                                                          const float*, SideArgs, SideArgs, SegArgs, FastItems);
 
 namespace {
 
@@ -91,6 +104,32 @@ cudaError_t run_fast(void* y, int64_t y_stride, const void* x, int64_t x_stride,
   return cudaGetLastError();
 }
 
+// Segment pre-pass (S > kFastInlineSegments) for items of BM tokens.
+cudaError_t items_prepass(const SegArgs& sg, int BM, void* workspace, FastItems& fi, cudaStream_t stream) {
+  if (sg.S <= kFastInlineSegments) return cudaSuccess;
+  if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
+  int4* meta = static_cast<int4*>(workspace);
+  int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
+  fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, item_bound(sg.N, sg.S, BM), sg, BM);
+  fi.meta = meta;
+  fi.item_seg = item_seg;
+  return cudaGetLastError();
+}
+
+template <typename PA, typename PB>
+cudaError_t run_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const SideArgs& A,
+                        const SideArgs& B, const float* scale, const SegArgs& sg, void* workspace,
+                        cudaStream_t stream) {
+  const int64_t bound = item_bound(sg.N, sg.S, kPfM);
+  if (bound <= 0 || sg.S <= 0) return cudaSuccess;
+  FastItems fi;
+  const cudaError_t e = items_prepass(sg, kPfM, workspace, fi, stream);
+  if (e != cudaSuccess) return e;
+  sgmv_prefill_kernel<PA, PB><<<cap_grid_x(bound), kPfThreads, 0, stream>>>(
+      static_cast<__nv_bfloat16*>(y), y_stride, static_cast<const __nv_bfloat16*>(x), x_stride, scale, A, B, sg, fi);
+  return cudaGetLastError();
+}
+
 template <typename F>
 cudaError_t dispatch_half(DType act, F&& f) {
   if (act == DType::F16) return f(Tag<__half>{});
@@ -118,11 +157,27 @@ SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64
   }
   plan.fast = why == nullptr;
   plan.reason = why ? why : "fast";
+  // Tensor-core prefill: bf16, rank <= 64, long segments on average (host facts only).
+  plan.prefill = plan.fast && kind == SgmvKind::Fused && act == DType::BF16 && a->r <= kPfMaxRank &&
+                 seg.N >= kPfM && seg.N >= 32 * seg.S;
+  if (plan.prefill) plan.reason = "fast (tensor-core prefill)";
   if (plan.fast && seg.S > kFastInlineSegments) {
-    const int64_t bound = item_bound(seg.N < kInt32Max ? seg.N : kInt32Max, seg.S, kFastBM);
+    const int64_t bound = item_bound(seg.N < kInt32Max ? seg.N : kInt32Max, seg.S, plan.prefill ? kPfM : kFastBM);
     plan.workspace_bytes = static_cast<size_t>(16 * seg.S + 4 * (bound > 0 ? bound : 0));
   }
   return plan;
+}
+
+cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const Table& a,
+                                const Table& b, const float* scale, const Segments& seg, void* workspace,
+                                cudaStream_t stream) {
+  const SegArgs sg = seg_args(seg);
+  const SideArgs A = side_args(a), B = side_args(b);
+  const bool fa = a.pool_dtype == DType::F32, fb = b.pool_dtype == DType::F32;
+  if (fa && fb) return run_prefill<float, float>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
+  if (fa) return run_prefill<float, __nv_bfloat16>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
+  if (fb) return run_prefill<__nv_bfloat16, float>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
+  return run_prefill<__nv_bfloat16, __nv_bfloat16>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
 }
 
 cudaError_t launch_sgmv_fast(SgmvKind kind, void* y, int64_t y_stride, const void* x, int64_t x_stride, void* v,
