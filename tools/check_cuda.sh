@@ -182,7 +182,7 @@ for path in sorted(glob.glob(os.path.join(tmp, '*.sm_90a.o.sass'))):
             cur = m.group(1)
             funcs[cur] = []
             continue
-        m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)', ln)
+        m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)', ln)
         if m and cur:
             funcs[cur].append(m.group(2))
 bad = 0
@@ -198,7 +198,8 @@ for rx, req, forb in rules:
         if miss or found:
             print(f"FAIL  SASS {f[:90]}: missing {miss} forbidden {found}"); bad = 1
         else:
-            print(f"ok    SASS {f[:90]} ({len(ins)} instr, {n128} LDG.E.128)")
+            nh = sum(1 for i in ins if i.startswith('HMMA'))
+            print(f"ok    SASS {f[:90]} ({len(ins)} instr, {n128} LDG.E.128, {nh} HMMA)")
 sys.exit(bad)
 PY
     then
