@@ -228,6 +228,19 @@ def set_cuda_path(mode: str) -> str:
     dtypes, shapes, strides and pointer alignment only, so it is CUDA-graph safe.
     Backed by the environment variable ``MOS_EXT_CUDA_PATH``, which the CUDA ops read
     on every call; no effect on the CPU ops.
+
+    The fast kernels (``csrc/cuda/sgmv_fast.cuh``, ``sgmv_prefill.cuh``, ``shard_grad_tc.cuh``):
+
+    * decode / split halves (fp16, bf16): fp32 FMA accumulation like the generic
+      kernels, one rounding of ``y``;
+    * fused ``sgmv`` prefill (bf16, rank <= 64, on average >= 32 tokens per segment):
+      tensor cores; ``v`` and fp32 pool values are carried as bf16 hi + lo, so before
+      ``y``'s one bf16 rounding the error is at most about ``3 * 2**-16`` times the sum
+      of the absolute products (bf16 pools and ``x`` enter exactly);
+    * ``shard_grad`` (bf16, ``deterministic=False``): tensor cores with ``u`` split
+      into bf16 hi + lo: at most ``2**-16`` relative per product, fp32 sums, and
+      vector atomics that flush fp32 denormals to zero. ``deterministic=True`` keeps the
+      fixed-order kernel (bitwise reproducible).
     """
     if mode not in _CUDA_PATHS:
         raise ValueError(f"cuda path must be one of {_CUDA_PATHS}, got {mode!r}")
