@@ -237,10 +237,10 @@ def set_cuda_path(mode: str) -> str:
       tensor cores; ``v`` and fp32 pool values are carried as bf16 hi + lo, so before
       ``y``'s one bf16 rounding the error is at most about ``3 * 2**-16`` times the sum
       of the absolute products (bf16 pools and ``x`` enter exactly);
-    * ``shard_grad`` (bf16, ``deterministic=False``): tensor cores with ``u`` split
-      into bf16 hi + lo: at most ``2**-16`` relative per product, fp32 sums, and
-      vector atomics that flush fp32 denormals to zero. ``deterministic=True`` keeps the
-      fixed-order kernel (bitwise reproducible).
+    * ``shard_grad`` (bf16): tensor cores with ``u`` split into bf16 hi + lo: at most
+      ``2**-16`` relative per product, fp32 sums; ``deterministic=False`` adds with
+      vector atomics (which flush fp32 denormals to zero), ``deterministic=True`` in two
+      passes (per-item partials, then a fixed-order reduction: bitwise reproducible).
     """
     if mode not in _CUDA_PATHS:
         raise ValueError(f"cuda path must be one of {_CUDA_PATHS}, got {mode!r}")

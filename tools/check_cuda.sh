@@ -129,7 +129,8 @@ done
 SASS_RULES='
 sgmv_fast_kernel|LDG\.E\.128|LDL STL CALL
 sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128|LDL STL CALL
-shard_grad_tc_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
+shard_grad_tc_kernelILb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
+shard_grad_tc_kernelILb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
 fast_items_kernel||LDL STL CALL
 '
 

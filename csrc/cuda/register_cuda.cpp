@@ -218,7 +218,8 @@ void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at:
   if (plan.fast) {
     const at::Tensor ws = fast_workspace(plan, x);
     C10_CUDA_CHECK(launch_shard_grad_fast(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
-                                          t, scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
+                                          t, scale.data_ptr<float>(), seg, deterministic, ws_ptr(ws),
+                                          current_stream()));
     return;
   }
   C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0), act, t,

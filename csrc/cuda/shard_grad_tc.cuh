@@ -1,4 +1,4 @@
-// Tensor-core shard_grad (bf16 activations, non-deterministic mode):
+// Tensor-core shard_grad (bf16 activations; both modes):
 //
 //   grad[idx[t, j, i], c] += scale[t] * sum_{n in item} u[n, j] * x[n, i*s + c]
 //
@@ -17,6 +17,11 @@
 // products and sums are fp32. fp16 activations do not take this path (fp16 hi/lo
 // of an fp32 u could overflow).
 //
+// Deterministic mode (two passes, bitwise reproducible): pass 1 is the same
+// kernel writing each item's D tile to a workspace of per-item partials
+// [items, r, h] (plain 16-byte stores); pass 2 (shard_grad_det_reduce_kernel)
+// adds them into the pool rows in a fixed order with one owner per element.
+//
 // Shared memory: the scaled u tile (hi, lo) [kTcRanks][kTcTM] and the x tile
 // [kTcTM][kTcCols] (16-byte loads), both with padded rows; the fp32 D tile.
 #pragma once
@@ -25,6 +30,7 @@
 #include <mma.h>
 #endif
 
+#include "shard_grad.cuh"
 #include "sgmv_fast.cuh"
 
 namespace mos {
@@ -57,11 +63,15 @@ struct TcSmem {
   float c[kTcRanks * kTcLdC];
 };
 
-// Grid (items, ceil(h / kTcCols), ceil(r / kTcRanks)).
+// Grid (items, ceil(h / kTcCols), ceil(r / kTcRanks)). DET = false: vector
+// atomics into grad. DET = true (pass 1 of the deterministic mode): the item's
+// D tile goes to part[item][j][col] (plain stores, every j < r, col < h of every
+// existing item), reduced in a fixed order by shard_grad_det_reduce_kernel.
+template <bool DET>
 __global__ void __launch_bounds__(kTcThreads)
     shard_grad_tc_kernel(float* __restrict__ grad, const float* __restrict__ u, int64_t u_stride,
                          const __nv_bfloat16* __restrict__ x, int64_t x_stride, const float* __restrict__ scale,
-                         SideArgs S, SegArgs sg, FastItems fi) {
+                         SideArgs S, SegArgs sg, FastItems fi, float* __restrict__ part) {
   using namespace nvcuda;
   __shared__ __align__(128) TcSmem sm;
   const ItemInfo it = fast_item<kTcThreads, kTcTM>(sg, fi, blockIdx.x);
@@ -112,11 +122,68 @@ __global__ void __launch_bounds__(kTcThreads)
     const int jj = e / (kTcCols / 4), cc = (e % (kTcCols / 4)) * 4;
     const int j = j0 + jj, col = c0 + cc;
     if (j >= r || col >= h) continue;
+    const float* cv = sm.c + jj * kTcLdC + cc;
+    if (DET) {
+      float* dst = part + (static_cast<int64_t>(blockIdx.x) * r + j) * h + col;
+      MOS_ASSERT_ALIGNED16(dst);
+      *reinterpret_cast<float4*>(dst) = make_float4(cv[0], cv[1], cv[2], cv[3]);
+      continue;
+    }
     const int i = col / s;  // slot, 32-bit
     const int p = __ldg(tab + j * l + i);
     if (p < 0 || p >= P) continue;  // padded / invalid: skipped
-    const float* cv = sm.c + jj * kTcLdC + cc;
     red_add4(grad + static_cast<int64_t>(p) * s + (col - i * s), cv[0], cv[1], cv[2], cv[3]);
+  }
+}
+
+// Pass 2 of the deterministic mode: grad[p, c] += sum over the table entries
+// (t, j, i) with idx[t, j, i] == p, in table order, of sum over the items of
+// tenant t, in item order, of part[item][j][i * s + c]. No atomics: block
+// (row block, column tile) owns pool rows [p0, p0 + rows) x kGradDC columns,
+// warp w the rows p with (p - p0) % kGradWarps == w, lane c one column. The
+// block compacts the table entries hitting its rows chunk by chunk (table
+// order kept). Bitwise reproducible run to run. Needs the item pre-pass
+// (fi.meta, fi.item_seg). Grid (row blocks, ceil(s / kGradDC)), kGradThreads.
+__global__ void __launch_bounds__(kGradThreads)
+    shard_grad_det_reduce_kernel(float* __restrict__ grad, const float* __restrict__ part, SideArgs S, SegArgs sg,
+                                 FastItems fi, int64_t bound, int64_t rows_per_block) {
+  __shared__ int wbuf[kGradThreads / 32 + 1];
+  __shared__ int64_t match[kGradThreads];
+  const int tid = threadIdx.x;
+  const int warp = tid / kGradDC, c = tid % kGradDC;
+  const int64_t s = S.s, l = S.l, r = S.r, rl = r * l, h = l * s;
+  const int64_t E = sg.T * rl;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t p_hi = p0 + rows_per_block < S.P ? p0 + rows_per_block : S.P;
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kGradDC + c;
+  const bool col_ok = col < s;
+  for (int64_t e0 = 0; e0 < E; e0 += kGradThreads) {
+    const int64_t e = e0 + tid;
+    const int32_t q = e < E ? S.idx[e] : -1;
+    const int hit = (q >= p0 && q < p_hi) ? 1 : 0;
+    int n_match;
+    const int pos = block_inclusive_scan<kGradThreads, OpSum>(hit, wbuf, &n_match);
+    if (hit) match[pos - 1] = e;
+    __syncthreads();
+    for (int mi = 0; mi < n_match; ++mi) {
+      const int64_t me = match[mi];
+      const int64_t p = S.idx[me];
+      if ((p - p0) % kGradWarps != warp) continue;  // warp-uniform: another warp owns row p
+      const int tt = static_cast<int>(me / rl);
+      const int64_t rem = me - static_cast<int64_t>(tt) * rl;
+      const int64_t j = rem / l, i = rem - j * l;
+      float acc = 0.f;
+      bool any = false;
+      for (int64_t b = 0; b < bound; ++b) {
+        const int g = fi.item_seg[b];
+        if (g < 0) break;  // items are numbered densely; the rest are -1
+        if (fi.meta[g].z != tt) continue;
+        any = true;
+        if (col_ok) acc += part[(b * r + j) * h + i * s + col];
+      }
+      if (any && col_ok) grad[p * s + col] += acc;  // owned by this lane
+    }
+    // the next chunk's scan syncs before `match` is overwritten
   }
 }
 
