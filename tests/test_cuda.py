@@ -578,3 +578,25 @@ def test_fast_path_cuda_graph_many_segments(cuda_path):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y_static, y_eager)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("N,S,T", [(64, 64, 64), (1000, 3, 2), (900, 400, 7)])
+def test_shard_grad_paths(cuda_path, path, deterministic, N, S, T):
+    """bf16 contiguous rows take the tensor-core shard_grad (both modes) under "fast"."""
+    cuda_path(path)
+    c = _contiguous_case(N, S, T, torch.bfloat16, seed=N + 2 * S)
+    d = c.to(DEV)
+    gen = torch.Generator().manual_seed(N)
+    u = torch.randn(N, c.idx_a.shape[1], generator=gen)
+    g0 = torch.randn(c.pool_a.shape, generator=gen)
+    g = g0.to(DEV)
+    ops.shard_grad(g, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, deterministic)
+    g_ref = g0.clone()
+    ops.shard_grad(g_ref, u, c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant, False)
+    assert_close(g, g_ref, f"shard_grad {path} det={deterministic}")
+    if deterministic:
+        g2 = g0.to(DEV)
+        ops.shard_grad(g2, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, True)
+        assert torch.equal(g, g2)

@@ -124,7 +124,7 @@ cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_
 // shard lengths multiple of 8, 16-byte aligned x rows and grad; otherwise
 // launch_shard_grad. deterministic = true: two passes (per-item partials in the
 // workspace, then a fixed-order reduction; bitwise reproducible) while the
-// partials fit in 1 GiB, else the generic owner kernel. Same plan type as sgmv.
+// partials fit in 256 MiB, else the generic owner kernel. Same plan type as sgmv.
 SgmvPlan plan_shard_grad(CudaPath mode, DType act, const void* x, int64_t x_stride, const void* grad,
                          const Table& t, const Segments& seg, bool deterministic);
 cudaError_t launch_shard_grad_fast(void* grad, const void* u, int64_t u_stride, const void* x, int64_t x_stride,

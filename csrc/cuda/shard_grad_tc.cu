@@ -18,8 +18,8 @@ namespace gpu {
 namespace {
 constexpr int64_t kInt32Max = 0x7fffffff;
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-// Deterministic mode: per-item partials [items, r, h] fp32, at most this many bytes.
-constexpr int64_t kDetMaxPartBytes = int64_t{1} << 30;
+// Deterministic mode: per-item partials [items, r, h] fp32, at most this many bytes (256 MiB).
+constexpr int64_t kDetMaxPartBytes = int64_t{1} << 28;
 int64_t det_part_bytes(int64_t bound, const Table& t) {
   if (bound <= 0) return 0;
   const int64_t per_item = t.r * t.l * t.s * 4;
