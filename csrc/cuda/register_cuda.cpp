@@ -6,8 +6,11 @@
 // Path choice: sgmv / sgmv_shrink / sgmv_expand ask gpu::plan_sgmv (host facts
 // only: dtypes, shapes, strides, alignment) whether the fast kernels
 // (sgmv_fast.cuh) can run, honouring MOS_EXT_CUDA_PATH; otherwise the generic
-// kernels run. With more than 256 segments the fast path takes a small
-// workspace (16 * S + 4 * items bytes) from the caching allocator.
+// kernels run; shard_grad asks gpu::plan_shard_grad likewise (tensor cores for
+// bf16). With more than 256 segments the fast paths take a small workspace
+// (16 * S + 4 * items bytes) from the caching allocator; deterministic
+// shard_grad on tensor cores also takes its per-item partials (items * r * h
+// fp32, at most 256 MiB, else the generic owner kernel runs).
 //
 // Nothing here synchronizes or allocates beyond the op's own output (v of
 // sgmv_shrink, out of gather_shards) and that workspace when index checks are off, so a serving
