@@ -15,9 +15,9 @@ run builds the emulator (~1 minute; cached in $MOS_EMU_BUILD).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -30,12 +30,11 @@ EMU_DIR = os.path.join(HERE, "..", "tools", "cuda_emu")
 
 
 def _emu():
-    sys.path.insert(0, EMU_DIR)
-    try:
-        os.environ.setdefault("MOS_EMU_NO_AUTOLOAD", "1")
-        import build  # noqa: E402
-    finally:
-        sys.path.remove(EMU_DIR)
+    # by path, under its own name (a PyPI package is also called "build")
+    os.environ["MOS_EMU_NO_AUTOLOAD"] = "1"
+    spec = importlib.util.spec_from_file_location("mos_cuda_emu_build", os.path.join(EMU_DIR, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
     if build.cuda_include() is None or shutil.which("g++") is None or shutil.which("ninja") is None:
         pytest.skip("cuda_emu needs g++, ninja and the CUDA headers")
     return build.load()
