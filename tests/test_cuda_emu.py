@@ -353,3 +353,11 @@ def test_prefill_tensor_core_error_bound(E, pools, N, h, l_a, o, l_b, r, T, S):
     assert (err <= bound).all(), f"max err {err.max().item()}, {int((err > bound).sum())} elements over the bound"
     untouched = (exact == y0.double()).all(1)
     assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_emulator_checks(E):
+    """The emulator's own checks fire: a misaligned 16-byte load and a barrier that
+    some threads skip fail the launch; warp shuffles reduce correctly."""
+    assert E.selftest("misaligned") == "cudaErrorMisalignedAddress"
+    assert E.selftest("divergent_barrier") == "cudaErrorLaunchFailure"
+    assert E.selftest("warp_sum") == "ok"

@@ -40,7 +40,7 @@ def load(verbose=False):
                            os.path.join(root, 'csrc', 'cuda', 'register_cuda.cpp'),
                            os.path.join(work, 'gen', 'register_emu.cpp'), root])
     srcs = sorted(glob.glob(os.path.join(work, 'gen', '*_cu.cpp'))) + [
-        os.path.join(work, 'gen', 'register_emu.cpp'), os.path.join(here, 'emu_rt.cpp'),
+        os.path.join(work, 'gen', 'register_emu.cpp'), os.path.join(here, 'emu_rt.cpp'), os.path.join(here, 'selftest.cpp'),
         os.path.join(root, 'csrc', 'checks.cpp')]
     return torch_load('mos_emu', srcs,
                       extra_cflags=['-std=c++20', '-O1', '-g0', '-include', os.path.join(here, 'emu.h'), '-I' + inc,
