@@ -209,3 +209,50 @@ def _gather_backward(ctx, dout):
 
 
 torch.library.register_autograd("mos::gather_shards", _gather_backward, setup_context=_gather_setup)
+
+
+# ----------------------------------------------------------------------------
+# CUDA kernel path (owned by the CUDA kernels; see csrc/cuda/launch.h)
+
+_CUDA_PATHS = ("auto", "generic", "fast")
+
+
+def set_cuda_path(mode: str) -> str:
+    """Choose the CUDA kernels of ``sgmv`` / ``sgmv_shrink`` / ``sgmv_expand``; returns the previous mode.
+
+    ``"auto"`` (default): the fast kernels (fp16/bf16 activations, pools in that dtype
+    or fp32, shard lengths multiples of 8, 16-byte aligned rows and pools, rank <= 1024
+    for the fused/expand kernels) wherever those hold, the generic kernels elsewhere;
+    ``"generic"``: always the generic kernels; ``"fast"``: the fast kernels wherever
+    they can run (the generic ones elsewhere). The choice is made on the host from
+    dtypes, shapes, strides and pointer alignment only, so it is CUDA-graph safe.
+    Backed by the environment variable ``MOS_EXT_CUDA_PATH``, which the CUDA ops read
+    on every call; no effect on the CPU ops.
+
+    The fast kernels (``csrc/cuda/sgmv_fast.cuh``, ``sgmv_prefill.cuh``, ``shard_grad_tc.cuh``):
+
+    * decode / split halves (fp16, bf16): fp32 FMA accumulation like the generic
+      kernels, one rounding of ``y``;
+    * fused ``sgmv`` prefill (bf16, rank <= 64, on average >= 32 tokens per segment):
+      tensor cores; ``v`` and fp32 pool values are carried as bf16 hi + lo, so before
+      ``y``'s one bf16 rounding the error is at most about ``3 * 2**-16`` times the sum
+      of the absolute products (bf16 pools and ``x`` enter exactly);
+    * ``shard_grad`` (bf16): tensor cores with ``u`` split into bf16 hi + lo: at most
+      ``2**-16`` relative per product, fp32 sums; ``deterministic=False`` adds with
+      vector atomics (which flush fp32 denormals to zero), ``deterministic=True`` in two
+      passes (per-item partials, then a fixed-order reduction: bitwise reproducible).
+    """
+    if mode not in _CUDA_PATHS:
+        raise ValueError(f"cuda path must be one of {_CUDA_PATHS}, got {mode!r}")
+    previous = get_cuda_path()
+    import os
+
+    os.environ["MOS_EXT_CUDA_PATH"] = mode
+    return previous
+
+
+def get_cuda_path() -> str:
+    """The CUDA kernel path in effect (``MOS_EXT_CUDA_PATH``, default ``"auto"``)."""
+    import os
+
+    return os.environ.get("MOS_EXT_CUDA_PATH", "") or "auto"

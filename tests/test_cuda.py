@@ -508,3 +508,95 @@ def test_second_device():
     ops.sgmv(c.y, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
     assert v.device == d.x.device
     assert_close(d.y, c.y, "sgmv on cuda:1")
+
+
+# ----------------------------------------------------------------------------
+# The fast path (csrc/cuda/sgmv_fast.cuh) and the generic kernels, chosen by
+# mos_ext.ops.set_cuda_path. Contiguous bf16/fp16 rows with shard lengths that
+# are multiples of 8 take the fast path; the strided cases above the fallback.
+
+
+def _contiguous_case(N, S, T, dtype, pool_a_dtype=None, pool_b_dtype=None, seed=0):
+    c = make_case(N=N, h=512, l_a=4, o=384, l_b=3, r=16, T=T, S=S, dtype=dtype, pool_a_dtype=pool_a_dtype,
+                  pool_b_dtype=pool_b_dtype, seed=seed)
+    c.x, c.y = c.x.contiguous(), c.y.contiguous()
+    return c
+
+
+@pytest.fixture
+def cuda_path():
+    previous = ops.get_cuda_path()
+    yield ops.set_cuda_path
+    ops.set_cuda_path(previous)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pools", ["act", "f32"])
+@pytest.mark.parametrize("N,S,T", [(64, 64, 64), (1000, 700, 9), (300, 3, 2)])
+def test_fast_and_generic_paths(cuda_path, path, dtype, pools, N, S, T):
+    cuda_path(path)
+    pk = torch.float32 if pools == "f32" else None
+    c = _contiguous_case(N, S, T, dtype, pool_a_dtype=pk, pool_b_dtype=pk, seed=N + S)
+    d = c.to(DEV)
+    y = d.y.clone()
+    ops.sgmv(y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    y_ref = c.y.clone()
+    ops.sgmv(y_ref, c.x, c.pool_a, c.pool_b, c.idx_a, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(y, y_ref, f"sgmv {path}")
+    out = ~c.valid_rows()
+    assert torch.equal(y.cpu()[out], c.y[out])
+    v = ops.sgmv_shrink(d.x, d.pool_a, d.idx_a, d.seg_indptr, d.seg_tenant)
+    assert_close(v, ops.sgmv_shrink(c.x, c.pool_a, c.idx_a, c.seg_indptr, c.seg_tenant), f"shrink {path}")
+    vv = torch.randn(N, c.idx_b.shape[1])
+    y = d.y.clone()
+    ops.sgmv_expand(y, vv.to(DEV), d.pool_b, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    y_ref = c.y.clone()
+    ops.sgmv_expand(y_ref, vv, c.pool_b, c.idx_b, c.scale, c.seg_indptr, c.seg_tenant)
+    assert_close(y, y_ref, f"expand {path}")
+
+
+def test_fast_path_cuda_graph_many_segments(cuda_path):
+    """> 256 segments: the fast path's segment pre-pass and its workspace are captured too."""
+    cuda_path("fast")
+    c = _contiguous_case(1200, 900, 30, torch.bfloat16, seed=3)
+    d = c.to(DEV)
+    y0 = d.y.clone()
+    with mos_ext.index_checks(False):
+        y_eager = y0.clone()
+        ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        y_static = y0.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        y_static.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, y_eager)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("N,S,T", [(64, 64, 64), (1000, 3, 2), (900, 400, 7)])
+def test_shard_grad_paths(cuda_path, path, deterministic, N, S, T):
+    """bf16 contiguous rows take the tensor-core shard_grad (both modes) under "fast"."""
+    cuda_path(path)
+    c = _contiguous_case(N, S, T, torch.bfloat16, seed=N + 2 * S)
+    d = c.to(DEV)
+    gen = torch.Generator().manual_seed(N)
+    u = torch.randn(N, c.idx_a.shape[1], generator=gen)
+    g0 = torch.randn(c.pool_a.shape, generator=gen)
+    g = g0.to(DEV)
+    ops.shard_grad(g, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, deterministic)
+    g_ref = g0.clone()
+    ops.shard_grad(g_ref, u, c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant, False)
+    assert_close(g, g_ref, f"shard_grad {path} det={deterministic}")
+    if deterministic:
+        g2 = g0.to(DEV)
+        ops.shard_grad(g2, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, True)
+        assert torch.equal(g, g2)

@@ -4,12 +4,21 @@
 #     torch-free, ~2 s each);
 #   * csrc/cuda/register_cuda.cpp with g++ -fsyntax-only against torch's headers
 #     and the CUDA include dir (the launcher is host C++).
+#   * a SASS gate on the sm_90a objects (cuobjdump -sass): every fast-path
+#     kernel (table SASS_RULES below) must show its required instructions
+#     (LDG.E.128: 16-byte loads; HMMA for tensor-core kernels) and no local
+#     memory (LDL/STL: spills or run-time-indexed arrays) and no CALL (the
+#     64-bit integer divide and other slow-path routines are calls).
+#     cuobjdump comes from $CUDA_HOME/bin, the PATH, or the pip package
+#     nvidia-cuda-cuobjdump (installed on demand unless MOS_SASS_INSTALL=0);
+#     without it the gate fails with a message saying how to get it.
 # Prints one line per check; exits non-zero if any fails or warns (warnings are
 # shown and counted as failures). Exits 0 with a notice when nvcc is absent.
 #
 # Environment: CUDA_HOME (default /usr/local/cuda-13.0 if present, else from
 # the nvcc on PATH), NVCC, CXX (default g++), PYTHON (default python),
-# MOS_CHECK_ARCHS (default "90a 80"), MOS_CHECK_JOBS (default: nproc).
+# MOS_CHECK_ARCHS (default "90a 80"), MOS_CHECK_JOBS (default: nproc),
+# CUOBJDUMP, MOS_SASS_INSTALL (default 1), MOS_SASS_GATE (default 1; 0 skips it).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -114,6 +123,91 @@ for name in "${names[@]}"; do
   if [ "$rc" = 0 ]; then st=ok; else st=FAIL; fi
   report "$name" "$st" "$secs" "$TMP/$key.log"
 done
+
+# ---- SASS gate -------------------------------------------------------------------
+# kernel-name regex | required mnemonics (space-separated regexes) | forbidden
+SASS_RULES='
+sgmv_fast_kernel|LDG\.E\.128|LDL STL CALL
+sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128|LDL STL CALL
+shard_grad_tc_kernelILb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
+shard_grad_tc_kernelILb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
+fast_items_kernel||LDL STL CALL
+'
+
+find_cuobjdump() {
+  if [ -n "${CUOBJDUMP:-}" ] && [ -x "$CUOBJDUMP" ]; then echo "$CUOBJDUMP"; return 0; fi
+  if [ -x "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" ]; then echo "$CUDA_HOME/bin/cuobjdump"; return 0; fi
+  if command -v cuobjdump >/dev/null 2>&1; then command -v cuobjdump; return 0; fi
+  "$PYTHON" - <<'PY' 2>/dev/null
+import glob, os, sys
+try:
+    import nvidia
+except ImportError:
+    sys.exit(1)
+for d in nvidia.__path__:
+    for c in sorted(glob.glob(os.path.join(d, '*', 'bin', 'cuobjdump'))) + sorted(glob.glob(os.path.join(d, 'cuda_cuobjdump', 'bin', 'cuobjdump'))):
+        if os.access(c, os.X_OK):
+            print(c)
+            sys.exit(0)
+sys.exit(1)
+PY
+}
+
+if [ "${MOS_SASS_GATE:-1}" != 0 ] && [[ " $ARCHS " == *" 90a "* ]]; then
+  CUOBJ="$(find_cuobjdump)"
+  if [ -z "$CUOBJ" ] && [ "${MOS_SASS_INSTALL:-1}" != 0 ]; then
+    echo "check_cuda: cuobjdump not found; pip install nvidia-cuda-cuobjdump"
+    "$PYTHON" -m pip install -q nvidia-cuda-cuobjdump >"$TMP/pip.log" 2>&1 || sed 's/^/      /' "$TMP/pip.log"
+    CUOBJ="$(find_cuobjdump)"
+  fi
+  if [ -z "$CUOBJ" ]; then
+    echo "FAIL  SASS gate: no cuobjdump (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump; MOS_SASS_GATE=0 skips)"
+    fail=1
+  else
+    for o in "$TMP"/*.sm_90a.o; do
+      "$CUOBJ" -sass "$o" >"$o.sass" 2>"$o.sass.err" || { echo "FAIL  cuobjdump -sass $(basename "$o")"; sed 's/^/      /' "$o.sass.err"; fail=1; }
+    done
+    if ! "$PYTHON" - "$TMP" "$SASS_RULES" <<'PY'
+import glob, os, re, sys
+tmp, rules_txt = sys.argv[1], sys.argv[2]
+rules = []
+for line in rules_txt.strip().splitlines():
+    name, req, forb = line.split('|')
+    rules.append((re.compile(name), req.split(), forb.split()))
+funcs = {}  # mangled name -> list of instruction mnemonics
+for path in sorted(glob.glob(os.path.join(tmp, '*.sm_90a.o.sass'))):
+    cur = None
+    for ln in open(path):
+        m = re.match(r'\s*Function : (\S+)', ln)
+        if m:
+            cur = m.group(1)
+            funcs[cur] = []
+            continue
+        m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)', ln)
+        if m and cur:
+            funcs[cur].append(m.group(2))
+bad = 0
+for rx, req, forb in rules:
+    hits = [f for f in funcs if rx.search(f)]
+    if not hits:
+        print(f"FAIL  SASS gate: no kernel matches /{rx.pattern}/"); bad = 1; continue
+    for f in hits:
+        ins = funcs[f]
+        miss = [r for r in req if not any(re.match(r, i) for i in ins)]
+        found = sorted({i for i in ins for x in forb if re.match(x + r'(\.|$)', i)})
+        n128 = sum(1 for i in ins if i.startswith('LDG.E.128'))
+        if miss or found:
+            print(f"FAIL  SASS {f[:90]}: missing {miss} forbidden {found}"); bad = 1
+        else:
+            nh = sum(1 for i in ins if i.startswith('HMMA'))
+            print(f"ok    SASS {f[:90]} ({len(ins)} instr, {n128} LDG.E.128, {nh} HMMA)")
+sys.exit(bad)
+PY
+    then
+      fail=1
+    fi
+  fi
+fi
 
 if [ "$fail" -ne 0 ]; then
   echo "check_cuda: FAILED"

@@ -78,5 +78,58 @@ cudaError_t launch_shard_grad(void* grad, const void* u, int64_t u_stride, const
                               DType act, const Table& table, const float* scale, const Segments& seg,
                               bool deterministic, cudaStream_t stream);
 
+// ---- path choice (generic kernels above vs the fast path) ----------------------
+
+// MOS_EXT_CUDA_PATH: auto (fast wherever its preconditions hold), generic (the
+// kernels above always), fast (same as auto today: the fast path wherever it
+// can run, the generic kernels elsewhere; kept distinct so that a later shape
+// heuristic in auto cannot hide the fast path from a benchmark).
+enum class CudaPath : int32_t { Auto = 0, Generic = 1, Fast = 2 };
+
+enum class SgmvKind : int32_t { Fused = 0, Shrink = 1, Expand = 2 };
+
+struct SgmvPlan {
+  bool fast = false;
+  bool prefill = false;        // fused only: the tensor-core prefill kernel (sgmv_prefill.cuh)
+  const char* reason = "";     // "fast...", or why the generic kernels run
+  size_t workspace_bytes = 0;  // device scratch the fast launch needs (16-byte aligned), 0 if none
+};
+
+// Host-only decision from dtypes, shapes, strides and pointer alignment (never
+// a device read: capture-safe). The fast path needs fp16 / bf16 activations,
+// pools in that dtype or fp32, shard lengths that are multiples of 8, 16-byte
+// aligned pools and activation rows (pointer and row stride), 32-bit
+// dimensions, and (fused, expand) rank <= 1024. The fused op on bf16 with rank
+// <= 64 and long segments on average (N >= 64 and N >= 32 * S) takes the
+// tensor-core prefill kernel (prefill = true). `a` is used unless kind is
+// Expand, `b` unless kind is Shrink; x / y likewise.
+SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64_t x_stride, const void* y,
+                   int64_t y_stride, const Table* a, const Table* b, const Segments& seg);
+
+// The fast kernels (sgmv_fast.cuh), for a plan with fast = true: Fused is
+// launch_sgmv, Shrink launch_sgmv_shrink (v fp32, zero-initialized by the
+// caller), Expand launch_sgmv_expand (v fp32). `workspace` holds
+// plan.workspace_bytes (may be null when that is 0).
+cudaError_t launch_sgmv_fast(SgmvKind kind, void* y, int64_t y_stride, const void* x, int64_t x_stride, void* v,
+                             int64_t v_stride, DType act, const Table* a, const Table* b, const float* scale,
+                             const Segments& seg, void* workspace, cudaStream_t stream);
+
+// The tensor-core prefill kernel (sgmv_prefill.cuh), for a Fused plan with
+// prefill = true (bf16 activations; pools bf16 or fp32).
+cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const Table& a,
+                                const Table& b, const float* scale, const Segments& seg, void* workspace,
+                                cudaStream_t stream);
+
+// shard_grad: the tensor-core kernels (shard_grad_tc.cuh) for bf16 activations,
+// shard lengths multiple of 8, 16-byte aligned x rows and grad; otherwise
+// launch_shard_grad. deterministic = true: two passes (per-item partials in the
+// workspace, then a fixed-order reduction; bitwise reproducible) while the
+// partials fit in 256 MiB, else the generic owner kernel. Same plan type as sgmv.
+SgmvPlan plan_shard_grad(CudaPath mode, DType act, const void* x, int64_t x_stride, const void* grad,
+                         const Table& t, const Segments& seg, bool deterministic);
+cudaError_t launch_shard_grad_fast(void* grad, const void* u, int64_t u_stride, const void* x, int64_t x_stride,
+                                   const Table& table, const float* scale, const Segments& seg, bool deterministic,
+                                   void* workspace, cudaStream_t stream);
+
 }  // namespace gpu
 }  // namespace mos

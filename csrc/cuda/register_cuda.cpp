@@ -3,8 +3,17 @@
 // launchers of csrc/cuda/launch.h on the current stream. Host C++ only (built
 // by the C++ compiler, not nvcc); the kernels live in csrc/cuda/*.cu.
 //
+// Path choice: sgmv / sgmv_shrink / sgmv_expand ask gpu::plan_sgmv (host facts
+// only: dtypes, shapes, strides, alignment) whether the fast kernels
+// (sgmv_fast.cuh) can run, honouring MOS_EXT_CUDA_PATH; otherwise the generic
+// kernels run; shard_grad asks gpu::plan_shard_grad likewise (tensor cores for
+// bf16). With more than 256 segments the fast paths take a small workspace
+// (16 * S + 4 * items bytes) from the caching allocator; deterministic
+// shard_grad on tensor cores also takes its per-item partials (items * r * h
+// fp32, at most 256 MiB, else the generic owner kernel runs).
+//
 // Nothing here synchronizes or allocates beyond the op's own output (v of
-// sgmv_shrink, out of gather_shards) when index checks are off, so a serving
+// sgmv_shrink, out of gather_shards) and that workspace when index checks are off, so a serving
 // step can be captured in a CUDA graph (mos_ext.set_index_checks(False): the
 // value checks copy the small index tensors to the host). The one exception:
 // sgmv with a rank above gpu::sgmv_max_rank (thousands) falls back to shrink +
@@ -15,6 +24,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
@@ -58,6 +69,35 @@ Table make_table(const at::Tensor& pool, const at::Tensor& idx, const SideDims& 
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// MOS_EXT_CUDA_PATH (auto | generic | fast; unset or empty = auto), read on
+// every call so that mos_ext.ops.set_cuda_path takes effect at once.
+CudaPath cuda_path() {
+  const char* e = std::getenv("MOS_EXT_CUDA_PATH");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return CudaPath::Auto;
+  if (std::strcmp(e, "generic") == 0) return CudaPath::Generic;
+  if (std::strcmp(e, "fast") == 0) return CudaPath::Fast;
+  TORCH_CHECK_VALUE(false, "MOS_EXT_CUDA_PATH must be auto, generic or fast, got '", e, "'");
+}
+
+// Device scratch of a fast launch (the segment -> item map), from the caching
+// allocator on the current stream (capture-safe); undefined when none is needed.
+at::Tensor fast_workspace(const SgmvPlan& plan, const at::Tensor& like) {
+  if (plan.workspace_bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(plan.workspace_bytes)}, like.options().dtype(at::kByte));
+}
+
+void* ws_ptr(const at::Tensor& ws) { return ws.defined() ? ws.data_ptr() : nullptr; }
+
+// The plan of this thread's latest sgmv-family or shard_grad call ("fast" or why not), for tests.
+thread_local const char* g_last_path = "";
+
+SgmvPlan plan_call(SgmvKind kind, DType act, const void* x, int64_t x_stride, const void* y, int64_t y_stride,
+                   const Table* a, const Table* b, const Segments& seg) {
+  const SgmvPlan p = plan_sgmv(cuda_path(), kind, act, x, x_stride, y, y_stride, a, b, seg);
+  g_last_path = p.reason;
+  return p;
+}
+
 at::Tensor gather_shards_cuda(const at::Tensor& pool, const at::Tensor& idx) {
   const SideDims d = check_gather_shards(pool, idx);
   const c10::cuda::CUDAGuard guard(pool.device());
@@ -74,6 +114,16 @@ at::Tensor gather_shards_cuda(const at::Tensor& pool, const at::Tensor& idx) {
 // Unchecked halves (arguments validated by the caller, guard set).
 void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
                  const SideDims& a, const Segments& seg) {
+  const Table ta = make_table(pool_a, idx_a, a);
+  const DType act = to_dtype(x.scalar_type());
+  const SgmvPlan plan =
+      plan_call(SgmvKind::Shrink, act, x.data_ptr(), x.stride(0), nullptr, 0, &ta, nullptr, seg);
+  if (plan.fast) {
+    const at::Tensor ws = fast_workspace(plan, x);
+    C10_CUDA_CHECK(launch_sgmv_fast(SgmvKind::Shrink, nullptr, 0, x.data_ptr(), x.stride(0), v.data_ptr(),
+                                    v.stride(0), act, &ta, nullptr, nullptr, seg, ws_ptr(ws), current_stream()));
+    return;
+  }
   C10_CUDA_CHECK(launch_sgmv_shrink(v.data_ptr(), v.stride(0), x.data_ptr(), x.stride(0),
                                     to_dtype(x.scalar_type()), make_table(pool_a, idx_a, a), seg,
                                     current_stream()));
@@ -81,6 +131,17 @@ void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& poo
 
 void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const at::Tensor& idx_b,
                  const at::Tensor& scale, const SideDims& b, const Segments& seg) {
+  const Table tb = make_table(pool_b, idx_b, b);
+  const DType act = to_dtype(y.scalar_type());
+  const SgmvPlan plan =
+      plan_call(SgmvKind::Expand, act, nullptr, 0, y.data_ptr(), y.stride(0), nullptr, &tb, seg);
+  if (plan.fast) {
+    const at::Tensor ws = fast_workspace(plan, y);
+    C10_CUDA_CHECK(launch_sgmv_fast(SgmvKind::Expand, y.data_ptr(), y.stride(0), nullptr, 0, v.data_ptr(),
+                                    v.stride(0), act, nullptr, &tb, scale.data_ptr<float>(), seg, ws_ptr(ws),
+                                    current_stream()));
+    return;
+  }
   C10_CUDA_CHECK(launch_sgmv_expand(y.data_ptr(), y.stride(0), to_dtype(y.scalar_type()), v.data_ptr(),
                                     v.stride(0), make_table(pool_b, idx_b, b), scale.data_ptr<float>(), seg,
                                     current_stream()));
@@ -114,6 +175,20 @@ void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_
   const c10::cuda::CUDAGuard guard(x.device());
   const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), a.T);
   const DType act = to_dtype(x.scalar_type());
+  const Table ta = make_table(pool_a, idx_a, a), tb = make_table(pool_b, idx_b, b);
+  const SgmvPlan plan =
+      plan_call(SgmvKind::Fused, act, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), &ta, &tb, seg);
+  if (plan.fast) {
+    const at::Tensor ws = fast_workspace(plan, x);
+    if (plan.prefill) {
+      C10_CUDA_CHECK(launch_sgmv_prefill(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), ta, tb,
+                                         scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
+      return;
+    }
+    C10_CUDA_CHECK(launch_sgmv_fast(SgmvKind::Fused, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), nullptr, 0,
+                                    act, &ta, &tb, scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
+    return;
+  }
   if (a.r > sgmv_max_rank(act, x.get_device())) {
     // The fused kernel keeps v [tokens, r] in shared memory; beyond its limit
     // go through a temporary v (same result, one allocation).
@@ -122,9 +197,8 @@ void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_
     expand_from(y, v, pool_b, idx_b, scale, b, seg);
     return;
   }
-  C10_CUDA_CHECK(launch_sgmv(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), act,
-                             make_table(pool_a, idx_a, a), make_table(pool_b, idx_b, b), scale.data_ptr<float>(),
-                             seg, current_stream()));
+  C10_CUDA_CHECK(launch_sgmv(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), act, ta, tb,
+                             scale.data_ptr<float>(), seg, current_stream()));
 }
 
 void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at::Tensor& x, const at::Tensor& idx,
@@ -139,13 +213,25 @@ void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at:
   t.s = d.s;
   t.l = d.l;
   t.r = d.r;
-  C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
-                                   to_dtype(x.scalar_type()), t, scale.data_ptr<float>(),
-                                   make_segments(seg_indptr, seg_tenant, x.size(0), d.T), deterministic,
-                                   current_stream()));
+  const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), d.T);
+  const DType act = to_dtype(x.scalar_type());
+  const SgmvPlan plan =
+      plan_shard_grad(cuda_path(), act, x.data_ptr(), x.stride(0), grad_pool.data_ptr(), t, seg, deterministic);
+  g_last_path = plan.reason;
+  if (plan.fast) {
+    const at::Tensor ws = fast_workspace(plan, x);
+    C10_CUDA_CHECK(launch_shard_grad_fast(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
+                                          t, scale.data_ptr<float>(), seg, deterministic, ws_ptr(ws),
+                                          current_stream()));
+    return;
+  }
+  C10_CUDA_CHECK(launch_shard_grad(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0), act, t,
+                                   scale.data_ptr<float>(), seg, deterministic, current_stream()));
 }
 
 }  // namespace
+
+const char* last_sgmv_path() { return g_last_path; }
 
 TORCH_LIBRARY_IMPL(mos, CUDA, m) {
   m.impl("gather_shards", &gather_shards_cuda);

@@ -9,5 +9,8 @@ m = re.search(r'TORCH_LIBRARY_IMPL\(mos, CUDA, m\) \{(.*?)\n\}', s, re.S)
 body = m.group(1)
 s = s[:m.start()] + s[m.end():]
 defs = re.findall(r'm\.impl\("(\w+)", &(\w+)\);', body)
-s += '\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n' + ''.join('  m.def("%s", &mos::gpu::%s);\n' % d for d in defs) + '  m.def("set_index_checks", &mos::set_index_checks);\n}\n'
-open(sys.argv[2], 'w').write(s)
+s += '\nstd::string emu_selftest(const std::string& which);\n'
+s += '\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n' + ''.join('  m.def("%s", &mos::gpu::%s);\n' % d for d in defs) + '  m.def("set_index_checks", &mos::set_index_checks);\n  m.def("last_sgmv_path", []() { return std::string(mos::gpu::last_sgmv_path()); });\n  m.def("selftest", &emu_selftest);\n}\n'
+import os
+if not os.path.exists(sys.argv[2]) or open(sys.argv[2]).read() != s:
+    open(sys.argv[2], 'w').write(s)

@@ -1,0 +1,363 @@
+"""The CUDA kernels (csrc/cuda/) run on the CPU by the host emulator (tools/cuda_emu),
+against ``mos_ext.reference``, with the path each call takes checked.
+
+Grid: bf16 / fp16 activations x pools in the activation dtype or fp32 (per side) x
+layouts (16-byte aligned rows -> the fast path; offset row views -> the generic
+fallback) x shapes (decode with many tenants and mixed ranks, a prefill-like
+batch, 3000 segments with empty and -1 segments so the fast path's segment
+pre-pass runs) x ops (sgmv, sgmv_shrink, sgmv_expand). Plus: fp32 activations
+and shard lengths that are not multiples of 8 fall back; MOS_EXT_CUDA_PATH=generic
+forces the fallback; a 16-byte access the dispatch let through misaligned would
+fail the launch (the emulator checks every one).
+
+Needs g++, ninja and the CUDA headers (no GPU); skipped without them. The first
+run builds the emulator (~1 minute; cached in $MOS_EMU_BUILD).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+
+import mos_ext
+from mos_ext import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMU_DIR = os.path.join(HERE, "..", "tools", "cuda_emu")
+
+
+def _emu():
+    # by path, under its own name (a PyPI package is also called "build")
+    os.environ["MOS_EMU_NO_AUTOLOAD"] = "1"
+    spec = importlib.util.spec_from_file_location("mos_cuda_emu_build", os.path.join(EMU_DIR, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if build.cuda_include() is None or shutil.which("g++") is None or shutil.which("ninja") is None:
+        pytest.skip("cuda_emu needs g++, ninja and the CUDA headers")
+    return build.load()
+
+
+@pytest.fixture(scope="module")
+def E():
+    return _emu()
+
+
+@pytest.fixture(autouse=True)
+def _path_env():
+    old = os.environ.pop("MOS_EXT_CUDA_PATH", None)
+    yield
+    os.environ.pop("MOS_EXT_CUDA_PATH", None)
+    if old is not None:
+        os.environ["MOS_EXT_CUDA_PATH"] = old
+
+
+TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def close(out, ref, what):
+    tol = TOL[ref.dtype] if ref.dtype in TOL else 3e-5
+    ref64 = ref.double()
+    mag = max(1.0, ref64.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out.double(), ref64, rtol=tol, atol=tol * mag, msg=lambda m: f"{what}: {m}")
+
+
+def rows(n, w, dtype, gen, aligned):
+    """[n, w] activation: 16-byte aligned rows (stride rounded up to 8 elements), or an
+    offset view (pointer 2 bytes past a 16-byte boundary) that must fall back."""
+    if aligned:
+        st = (w + 7) // 8 * 8 + 8
+        base = torch.randn(n, st, generator=gen, dtype=torch.float64).to(dtype)
+        return base[:, :w]
+    base = torch.randn(n, w + 9, generator=gen, dtype=torch.float64).to(dtype)
+    return base[:, 1:w + 1]
+
+
+def segments(N, T, S, gen, empties=True):
+    if S == 0:
+        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    covered = N if torch.rand(1, generator=gen).item() < 0.6 else int(torch.randint(0, N + 1, (1,), generator=gen))
+    cuts = sorted(torch.randint(0, covered + 1, (S - 1,), generator=gen).tolist())
+    ptr = [0] + cuts + [covered]
+    if empties:
+        for g in range(1, S, 5):
+            ptr[g] = ptr[g - 1]
+    ptr = sorted(ptr)
+    ten = torch.randint(0, T, (S,), generator=gen)
+    ten[torch.rand(S, generator=gen) < 0.2] = -1
+    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
+
+
+def table(T, r, l, P, gen):
+    """Mixed ranks: tenant t keeps a random rank and pads the rest with -1."""
+    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
+    ranks = torch.randint(0, r + 1, (T,), generator=gen)
+    ranks[torch.rand(T, generator=gen) < 0.5] = r
+    for t in range(T):
+        idx[t, int(ranks[t]):] = -1
+    return idx
+
+
+def problem(*, N, h, l_a, o, l_b, r, T, S, dtype, pa, pb, aligned, seed):
+    gen = torch.Generator().manual_seed(seed)
+    s_a, s_b = h // l_a, o // l_b
+    P_a, P_b = max(2, T * r * l_a // 2 + 3), max(2, T * r * l_b // 2 + 5)
+    x = rows(N, h, dtype, gen, aligned)
+    y = rows(N, o, dtype, gen, aligned)
+    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
+    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    idx_a, idx_b = table(T, r, l_a, P_a, gen), table(T, r, l_b, P_b, gen)
+    idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).float()
+    ip, tn = segments(N, T, S, gen)
+    return dict(x=x, y=y, pool_a=pool_a, pool_b=pool_b, idx_a=idx_a, idx_b=idx_b, scale=scale, ip=ip, tn=tn)
+
+
+SHAPES = {
+    # name: N, h, l_a, o, l_b, r, T, S
+    "decode": (64, 256, 4, 512, 8, 16, 48, 64),
+    "prefill": (150, 384, 2, 128, 1, 24, 3, 4),  # bf16: the tensor-core prefill kernel
+    "lora_l1": (40, 128, 1, 96, 1, 8, 5, 12),
+    "segs300": (320, 64, 2, 32, 1, 5, 7, 300),
+    "segs3000": (3200, 64, 2, 32, 1, 5, 7, 3000),
+}
+# The oracle per shape: the plain-torch reference, or for thousands of segments
+# (where its per-segment Python loop takes tens of seconds) the CPU ops, which
+# tests/test_sgmv*.py check against the reference.
+ORACLE = {name: "ref" for name in SHAPES}
+ORACLE["segs3000"] = "cpu"
+
+
+def run_all(E, p, expect_fast, what, oracle="ref"):
+    R = reference if oracle == "ref" else _CpuOps
+    x, y0 = p["x"], p["y"]
+    pa, pb, ia, ib, sc, ip, tn = p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"]
+    # fused
+    y = y0.clone() if y0.is_contiguous() else _clone_view(y0)
+    E.sgmv(y, x, pa, pb, ia, ib, sc, ip, tn)
+    assert E.last_sgmv_path().startswith("fast") == expect_fast, f"{what}: sgmv took {E.last_sgmv_path()!r}"
+    yr = R.sgmv(_clone_view(y0), x, pa, pb, ia, ib, sc, ip, tn)
+    close(y, yr, f"{what} sgmv")
+    untouched = (yr == y0).all(1)
+    assert torch.equal(y[untouched], y0[untouched]), f"{what}: sgmv touched rows outside segments"
+    # shrink
+    v = E.sgmv_shrink(x, pa, ia, ip, tn)
+    assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: shrink took {E.last_sgmv_path()!r}"
+    close(v, R.sgmv_shrink(x, pa, ia, ip, tn), f"{what} shrink")
+    # expand
+    vv = torch.randn(x.shape[0], ib.shape[1], dtype=torch.float32)
+    y = _clone_view(y0)
+    E.sgmv_expand(y, vv, pb, ib, sc, ip, tn)
+    assert (E.last_sgmv_path() == "fast") == expect_fast, f"{what}: expand took {E.last_sgmv_path()!r}"
+    close(y, R.sgmv_expand(_clone_view(y0), vv, pb, ib, sc, ip, tn), f"{what} expand")
+
+
+class _CpuOps:
+    @staticmethod
+    def sgmv(y, *a):
+        torch.ops.mos.sgmv(y, *a)
+        return y
+
+    @staticmethod
+    def sgmv_expand(y, *a):
+        torch.ops.mos.sgmv_expand(y, *a)
+        return y
+
+    @staticmethod
+    def sgmv_shrink(*a):
+        return torch.ops.mos.sgmv_shrink(*a)
+
+
+def _clone_view(t):
+    """Same values, same strides and same 16-byte phase as ``t``."""
+    st = t.stride(0)
+    base = torch.empty(t.shape[0] * st + 16, dtype=t.dtype)
+    phase = (t.data_ptr() % 16) // t.element_size()
+    while (base.data_ptr() + 0) % 16 != 0:  # allocator gives 64-byte alignment; keep it general
+        base = torch.empty(t.shape[0] * st + 16, dtype=t.dtype)
+    out = base[phase:phase + t.shape[0] * st].view(t.shape[0], st)[:, :t.shape[1]]
+    out.copy_(t)
+    return out
+
+
+POOLS = [(None, None), ("f32", "f32"), ("f32", None), (None, "f32")]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_grid(E, shape, dtype, aligned):
+    N, h, l_a, o, l_b, r, T, S = SHAPES[shape]
+    if shape == "segs3000" and not aligned:
+        pytest.skip("the generic kernels' segment search is quadratic in S: too slow to emulate at 3000")
+    # every pool combination per shape across the two dtypes (fast path); one per
+    # case for the fallback and the many-segment shapes
+    pools = POOLS[0::2] if dtype == torch.bfloat16 else POOLS[1::2]
+    if shape.startswith("segs") or not aligned:
+        pools = pools[:1]
+    for k, (pa, pb) in enumerate(pools):
+        p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=dtype,
+                    pa=torch.float32 if pa else None, pb=torch.float32 if pb else None,
+                    aligned=aligned, seed=11 * k + len(shape))
+        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}", ORACLE[shape])
+
+
+def test_fallbacks(E):
+    # fp32 activations, shard length not a multiple of 8, forced generic
+    p = problem(N=30, h=96, l_a=3, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.float32, pa=None, pb=None,
+                aligned=True, seed=1)
+    run_all(E, p, False, "fp32")
+    p = problem(N=30, h=36, l_a=3, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=2)
+    y = p["y"].clone()
+    E.sgmv(y, p["x"], p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    assert E.last_sgmv_path() == "shard length is not a multiple of 8"
+    p = problem(N=30, h=64, l_a=2, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=3)
+    from mos_ext import ops
+
+    assert ops.set_cuda_path("generic") == "auto"  # the setter drives the env var the kernels read
+    run_all(E, p, False, "forced generic")
+    assert ops.set_cuda_path("fast") == "generic" and ops.get_cuda_path() == "fast"
+    run_all(E, p, True, "forced fast")
+    with pytest.raises(ValueError):
+        ops.set_cuda_path("turbo")
+    os.environ["MOS_EXT_CUDA_PATH"] = "bogus"
+    with pytest.raises(ValueError, match="MOS_EXT_CUDA_PATH"):
+        run_all(E, p, True, "bogus")
+
+
+def test_nonfinite_padded_rows(E):
+    """Inf / NaN in x do not leak through padded (-1) rank rows: they are skipped."""
+    p = problem(N=20, h=64, l_a=2, o=64, l_b=2, r=8, T=2, S=3, dtype=torch.bfloat16, pa=None, pb=None,
+                aligned=True, seed=5)
+    p["idx_a"][:, 4:] = -1
+    p["idx_b"][:, 4:] = -1
+    pb = p["pool_b"].clone()
+    used = set(p["idx_b"][:, :4].flatten().tolist())
+    spare = [i for i in range(pb.shape[0]) if i not in used]
+    if spare:
+        pb[spare] = float("nan")
+    y = _clone_view(p["y"])
+    E.sgmv(y, p["x"], p["pool_a"], pb, p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    assert E.last_sgmv_path() == "fast"
+    yr = reference.sgmv(p["y"].clone(), p["x"], p["pool_a"], pb, p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    close(y, yr, "nonfinite")
+
+
+@pytest.mark.parametrize("S", [9, 400])
+def test_checks_off_garbage(E, S):
+    """Index checks off: out-of-range table entries, tenants and segment bounds
+    (non-monotone, negative, past N) behave on the fast path exactly as on the CPU."""
+    gen = torch.Generator().manual_seed(S)
+    p = problem(N=90, h=64, l_a=2, o=48, l_b=3, r=8, T=3, S=S, dtype=torch.bfloat16, pa=None, pb=torch.float32,
+                aligned=True, seed=S)
+    for k in ("idx_a", "idx_b"):
+        m = torch.rand(p[k].shape, generator=gen) < 0.2
+        p[k][m] = torch.randint(-4, 200, (int(m.sum()),), generator=gen, dtype=torch.int32)
+    p["ip"] = torch.randint(-5, 98, (S + 1,), generator=gen, dtype=torch.int32)
+    p["tn"] = torch.randint(-3, 6, (S,), generator=gen, dtype=torch.int32)
+    prev = mos_ext.set_index_checks(False)
+    E.set_index_checks(False)
+    try:
+        run_all(E, p, True, f"garbage S={S}", oracle="cpu")
+    finally:
+        mos_ext.set_index_checks(prev)
+        E.set_index_checks(True)
+
+
+# ----------------------------------------------------------------------------
+# shard_grad: the tensor-core kernel (bf16, non-deterministic) and its fallbacks
+
+
+def _grad_problem(N, h, l, r, T, S, dtype, aligned, seed):
+    p = problem(N=N, h=h, l_a=l, o=8, l_b=1, r=r, T=T, S=S, dtype=dtype, pa=None, pb=None, aligned=aligned,
+                seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    u = torch.randn(N, r, generator=gen) * 3
+    g0 = torch.randn(p["pool_a"].shape, generator=gen)
+    return p, u, g0
+
+
+def _grad_bound(p, u, g0):
+    """Documented error bound of the tensor-core path, elementwise: 2^-16 relative per
+    product (u split into bf16 hi + lo) plus fp32 summation (a generous 2^-20 relative)."""
+    absref = reference.shard_grad(torch.zeros_like(g0, dtype=torch.float64), u.abs().double(), p["x"].abs().double(),
+                                  p["idx_a"], p["scale"].abs(), p["ip"], p["tn"])
+    return absref * (2.0 ** -16 + 2.0 ** -20) + 1e-6 * g0.abs().double()
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("N,h,l,r,T,S", [(200, 256, 4, 16, 5, 7), (150, 96, 1, 20, 3, 2), (700, 64, 2, 5, 9, 400)])
+def test_shard_grad_tensor_core(E, N, h, l, r, T, S, det):
+    p, u, g0 = _grad_problem(N, h, l, r, T, S, torch.bfloat16, True, seed=N + S)
+    g = g0.clone()
+    E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+    assert E.last_sgmv_path() == ("fast (deterministic two-pass)" if det else "fast"), E.last_sgmv_path()
+    if det:  # the fixed-order reduction: bitwise the same on a rerun
+        g2 = g0.clone()
+        E.shard_grad(g2, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+        assert torch.equal(g, g2)
+    ref = reference.shard_grad(g0.double(), u.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"], p["tn"])
+    err = (g.double() - ref).abs()
+    bound = _grad_bound(p, u, g0)
+    assert (err <= bound).all(), f"max err {err.max().item()} exceeds the stated bound at {int((err > bound).sum())} elements"
+    untouched = (ref == g0.double()).all(1)
+    assert torch.equal(g[untouched], g0[untouched])
+
+
+def test_shard_grad_fallbacks(E):
+    for dtype, aligned, det, why in [(torch.float16, True, False, "activations are not bf16"),
+                                     (torch.bfloat16, False, False, "activation rows are not 16-byte aligned"),
+                                     (torch.float16, True, True, "activations are not bf16")]:
+        p, u, g0 = _grad_problem(60, 64, 2, 8, 3, 4, dtype, aligned, seed=4)
+        g = g0.clone()
+        E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+        assert E.last_sgmv_path().startswith(why), E.last_sgmv_path()
+        gc = g0.clone()
+        torch.ops.mos.shard_grad(gc, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], False)
+        close(g, gc, f"shard_grad fallback {why}")
+
+
+# ----------------------------------------------------------------------------
+# The tensor-core prefill kernel: chosen for bf16 with long segments; its error
+# against an fp64 reference stays within the bound stated in sgmv_prefill.cuh
+# (v and fp32 pools carried as bf16 hi + lo) plus the one bf16 rounding of y.
+
+
+def _bf16_half_ulp(a):
+    e = torch.floor(torch.log2(a.abs().clamp(min=2.0 ** -126)))
+    return 2.0 ** (e - 8)
+
+
+@pytest.mark.parametrize("pools", [(None, None), ("f32", "f32"), ("f32", None)])
+@pytest.mark.parametrize("N,h,l_a,o,l_b,r,T,S", [(200, 256, 4, 192, 3, 16, 3, 3), (130, 96, 1, 72, 1, 40, 2, 1),
+                                                  (640, 64, 2, 64, 1, 64, 3, 2)])
+def test_prefill_tensor_core_error_bound(E, pools, N, h, l_a, o, l_b, r, T, S):
+    pa, pb = (torch.float32 if k else None for k in pools)
+    p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=torch.bfloat16, pa=pa, pb=pb, aligned=True,
+                seed=N + r)
+    x, y0 = p["x"], p["y"]
+    args = (p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    y = _clone_view(y0)
+    E.sgmv(y, x, *args)
+    assert E.last_sgmv_path() == "fast (tensor-core prefill)", E.last_sgmv_path()
+    exact = reference.sgmv(y0.double(), x.double(), p["pool_a"].double(), p["pool_b"].double(), *args[2:])
+    # |terms|: the same products with absolute values
+    a_abs = (p["pool_a"].double().abs(), p["pool_b"].double().abs())
+    terms = reference.sgmv(torch.zeros_like(exact), x.double().abs(), a_abs[0], a_abs[1], *args[2:]) - 0
+    bound = _bf16_half_ulp(exact) * 1.001 + 4 * 2.0 ** -16 * terms + 1e-30
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max err {err.max().item()}, {int((err > bound).sum())} elements over the bound"
+    untouched = (exact == y0.double()).all(1)
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_emulator_checks(E):
+    """The emulator's own checks fire: a misaligned 16-byte load and a barrier that
+    some threads skip fail the launch; warp shuffles reduce correctly."""
+    assert E.selftest("misaligned") == "cudaErrorMisalignedAddress"
+    assert E.selftest("divergent_barrier") == "cudaErrorLaunchFailure"
+    assert E.selftest("warp_sum") == "ok"
