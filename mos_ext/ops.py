@@ -178,12 +178,20 @@ def _compiling() -> bool:
 
 
 class PoolGradTaps:
-    """A per-forward-pass cache of :func:`pool_grad_tap`: ``taps(pool)`` returns the same
-    tap for the same pool until :meth:`reset`. Reset it at the start (and end) of every
-    model forward pass, e.g. from forward pre/post hooks on the top module."""
+    """A per-forward-pass cache of :func:`pool_grad_tap`.
+
+    ``taps(pool)`` returns the same tap for the same pool until :meth:`reset`.
+    ``taps.take(owner, pool_a, pool_b)`` does the same for a layer ``owner`` (any hashable,
+    e.g. ``(id(layer), adapter_name)``) and resets the cache by itself when an owner asks a
+    second time, which is how a new forward pass shows itself; so a model needs no hooks.
+    Whatever the cache does, gradients stay right: a consumer that does not read the pool
+    straight from the tap its autograd edge points to returns its gradient the ordinary way
+    (activation-checkpoint recomputation, a layer called twice, two forward passes before
+    one backward all work; only the saving shrinks)."""
 
     def __init__(self):
         self._taps = {}
+        self._owners = set()
 
     def __call__(self, pool: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and pool.requires_grad) or _compiling():
@@ -195,8 +203,19 @@ class PoolGradTaps:
         self._taps[id(pool)] = (pool, tap)
         return tap
 
+    def take(self, owner, *pools: torch.Tensor):
+        """The taps of ``pools`` for layer ``owner`` (a tuple), starting a new forward pass when
+        ``owner`` already took its taps since the last reset."""
+        if not torch.is_grad_enabled() or _compiling():
+            return pools
+        if owner in self._owners:
+            self.reset()
+        self._owners.add(owner)
+        return tuple(self(p) for p in pools)
+
     def reset(self) -> None:
         self._taps.clear()
+        self._owners.clear()
 
     def __len__(self) -> int:
         return len(self._taps)

@@ -227,3 +227,33 @@ def test_deterministic_grads_api():
         assert mos_ext.deterministic_grads_enabled()
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+def test_take_resets_by_itself_across_forward_passes():
+    """Layers take their taps with an owner key: a second forward pass before backward (gradient
+    accumulation) starts new taps on its own, and the gradients are the sum of both passes."""
+    pa, pb, tabs, xs, ws = setup()
+    pa.requires_grad_()
+    pb.requires_grad_()
+    taps = mos_ext.PoolGradTaps()
+
+    def forward(scale_w):
+        total = 0
+        for k, ((ia, ib), x, w) in enumerate(zip(tabs, xs, ws)):
+            a, b = taps.take(("layer", k), pa, pb)
+            total = total + (ops.sharded_lora(x, a, b, ia, ib, SCALE, *SEG) * w * scale_w).sum()
+        return total
+
+    l1 = forward(1.0)
+    first = taps._taps[id(pa)][1]
+    l2 = forward(2.0)
+    assert taps._taps[id(pa)][1] is not first  # a new pass, new taps
+    (l1 + l2).backward()
+    pa2, pb2 = pa.detach().clone().requires_grad_(), pb.detach().clone().requires_grad_()
+    ref = sum(((ops.sharded_lora(x, pa2, pb2, ia, ib, SCALE, *SEG) * w).sum() * 3.0
+               for (ia, ib), x, w in zip(tabs, xs, ws)))
+    ref.backward()
+    torch.testing.assert_close(pa.grad, pa2.grad, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(pb.grad, pb2.grad, rtol=1e-5, atol=2e-5)
+    with torch.no_grad():
+        assert taps.take(("layer", 0), pa, pb) == (pa, pb)
