@@ -36,7 +36,11 @@ def _cuda_toolkit():
     """(CUDA_HOME, nvcc path) as torch's extension builder will use them, or (None, None)."""
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
+    home = cpp_extension.CUDA_HOME  # None whenever torch itself has no CUDA
+    if home is None:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if home is None and shutil.which("nvcc"):
+            home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
     if home is None:
         return None, None
     nvcc = os.path.join(home, "bin", "nvcc")

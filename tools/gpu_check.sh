@@ -112,11 +112,15 @@ tail -4 "$OUT/tests.log" >> "$SUMMARY"
 # 4. compute-sanitizer memcheck + racecheck ------------------------------------------------
 SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ -x "$SAN" ]; then
-  FILTER=()
-  "$SAN" --help 2>/dev/null | grep -q -- "--kernel-name" && FILTER=(--kernel-name kns=mos)
-  step memcheck 90 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 --report-api-errors no \
+  # options this compute-sanitizer accepts (tried on a process without CUDA work)
+  opt() { "$SAN" "$@" true >/dev/null 2>&1; }
+  FILTER=(); opt --tool memcheck --kernel-name kns=mos && FILTER=(--kernel-name kns=mos)  # only our kernels
+  API=(); opt --tool memcheck --report-api-errors no && API=(--report-api-errors no)
+  HAZ=(); opt --tool racecheck --racecheck-report hazard && HAZ=(--racecheck-report hazard)
+  echo "compute-sanitizer $("$SAN" --version 2>&1 | tail -1); filter: ${FILTER[*]:-none}" >> "$OUT/sanitizer.log"
+  step memcheck 90 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 "${API[@]}" \
     "${FILTER[@]}" "$PY" tools/gpu_paths.py
-  step racecheck 90 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 9 --racecheck-report hazard \
+  step racecheck 90 "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 9 "${HAZ[@]}" \
     "${FILTER[@]}" "$PY" tools/gpu_paths.py
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_paths" "$OUT/sanitizer.log" | tail -6 >> "$SUMMARY"
 else
