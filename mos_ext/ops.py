@@ -220,6 +220,13 @@ class PoolGradTaps:
     def __len__(self) -> int:
         return len(self._taps)
 
+    # A copied or pickled model starts with an empty cache (taps are graph tensors).
+    def __deepcopy__(self, memo):
+        return PoolGradTaps()
+
+    def __reduce__(self):
+        return (PoolGradTaps, ())
+
 
 # ----------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only.

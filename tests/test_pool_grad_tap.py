@@ -257,3 +257,14 @@ def test_take_resets_by_itself_across_forward_passes():
     torch.testing.assert_close(pb.grad, pb2.grad, rtol=1e-5, atol=2e-5)
     with torch.no_grad():
         assert taps.take(("layer", 0), pa, pb) == (pa, pb)
+
+
+def test_taps_copy_and_pickle_empty():
+    import copy
+    import pickle
+
+    pa = torch.randn(8, 4, requires_grad=True)
+    taps = mos_ext.PoolGradTaps()
+    taps.take("layer", pa)
+    assert len(taps) == 1
+    assert len(copy.deepcopy(taps)) == 0 and len(pickle.loads(pickle.dumps(taps))) == 0
