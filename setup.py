@@ -7,7 +7,8 @@ Install (torch must already be installed; build isolation would fetch another to
     pip install --no-build-isolation -e ".[test]"
 
 Environment:
-    MOS_EXT_CUDA=1|0          force the CUDA kernels on / off (default: auto)
+    MOS_EXT_CUDA=1|0          1: CUDA kernels or a hard error (never a silent CPU-only build);
+                              0: CPU only; unset: CUDA when torch has CUDA and nvcc is found
     MOS_EXT_CUDA_ARCHS="80;90a"  CUDA architectures (default: 80;90a)
     MAX_JOBS=N                parallel compile jobs (ninja)
 """
@@ -31,18 +32,46 @@ except ImportError:  # pragma: no cover - message for the user
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_toolkit():
+    """(CUDA_HOME, nvcc path) as torch's extension builder will use them, or (None, None)."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME  # None whenever torch itself has no CUDA
+    if home is None:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if home is None and shutil.which("nvcc"):
+            home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    if home is None:
+        return None, None
+    nvcc = os.path.join(home, "bin", "nvcc")
+    return (home, nvcc) if os.path.isfile(nvcc) and os.access(nvcc, os.X_OK) else (home, None)
+
+
 def want_cuda() -> bool:
+    """MOS_EXT_CUDA=1: the CUDA kernels or a loud failure, never a silent CPU-only build.
+    Unset: CUDA when torch has CUDA and a toolkit is found (with a warning when torch has CUDA
+    but no toolkit is found). MOS_EXT_CUDA=0: CPU only."""
     flag = os.environ.get("MOS_EXT_CUDA", "").strip().lower()
     if flag in ("0", "false", "off", "no"):
         return False
-    have = torch.version.cuda is not None and (
-        shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
-    )
+    home, nvcc = _cuda_toolkit()
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)")
+    if home is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME to the toolkit root, or put nvcc on PATH)")
+    elif nvcc is None:
+        problems.append(f"CUDA_HOME={home} has no executable bin/nvcc")
     if flag in ("1", "true", "on", "yes"):
-        if not have:
-            sys.exit("mos_ext: MOS_EXT_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME is missing")
+        if problems:
+            sys.exit("mos_ext: MOS_EXT_CUDA=1 but the CUDA kernels cannot be built:\n  - " + "\n  - ".join(problems)
+                     + "\n(unset MOS_EXT_CUDA to build the CPU ops only)")
+        print(f"mos_ext: building the CUDA kernels with {nvcc} (torch {torch.__version__}, CUDA {torch.version.cuda})")
         return True
-    return have
+    if problems and torch.version.cuda is not None:
+        print("mos_ext: WARNING: building the CPU ops only, without CUDA kernels: " + "; ".join(problems)
+              + " (MOS_EXT_CUDA=1 makes this an error)", file=sys.stderr)
+    return not problems
 
 
 def rel(paths):

@@ -6,20 +6,57 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef MOS_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace mos {
 namespace {
 
-bool env_default() {
-  const char* v = std::getenv("MOS_EXT_CHECK_INDICES");
-  if (v == nullptr) return true;
-  return !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 ||
-           std::strcmp(v, "False") == 0 || std::strcmp(v, "off") == 0);
+bool env_flag(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  if (std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "False") == 0 ||
+      std::strcmp(v, "off") == 0 || std::strcmp(v, "no") == 0)
+    return false;
+  return true;
 }
 
 std::atomic<bool>& checks_flag() {
-  static std::atomic<bool> flag{env_default()};
+  static std::atomic<bool> flag{env_flag("MOS_EXT_CHECK_INDICES", true)};
   return flag;
+}
+
+std::atomic<bool>& device_checks_flag() {
+  static std::atomic<bool> flag{env_flag("MOS_EXT_CHECK_INDICES_DEVICE", false)};
+  return flag;
+}
+
+std::atomic<bool>& deterministic_flag() {
+  static std::atomic<bool> flag{env_flag("MOS_EXT_DETERMINISTIC_GRADS", false)};
+  return flag;
+}
+
+// Whether t's device's current stream is capturing a CUDA graph (a device
+// read or a sync is then illegal). Host-side query, no sync.
+bool stream_capturing(const at::Tensor& t) {
+#ifdef MOS_WITH_CUDA
+  if (t.is_cuda()) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    const cudaError_t e = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.get_device()).stream(), &st);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // e.g. the legacy stream during a global capture: treat as capturing
+      return true;
+    }
+    return st != cudaStreamCaptureStatusNone;
+  }
+#endif
+  (void)t;
+  return false;
 }
 
 // torch's Python spelling of a dtype, for messages.
@@ -76,31 +113,85 @@ void check_int32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Host copy of a small int32 tensor for value checks.
-at::Tensor host(const at::Tensor& t) { return t.is_cpu() ? t : t.to(at::kCPU); }
-
-// Every entry of idx in [-1, P).
-void check_index_values(const at::Tensor& idx, int64_t P, const char* name) {
-  if (!index_checks_enabled() || idx.numel() == 0) return;
-  at::Tensor h = host(idx);
-  const int32_t* p = h.data_ptr<int32_t>();
-  const int64_t n = h.numel();
-  for (int64_t k = 0; k < n; ++k) {
-    if (p[k] < -1 || p[k] >= P) {
-      // Report the multi-index of the first bad entry.
-      std::string where;
-      int64_t rem = k;
-      std::vector<int64_t> pos(h.dim());
-      for (int64_t d = h.dim() - 1; d >= 0; --d) {
-        pos[d] = rem % h.size(d);
-        rem /= h.size(d);
-      }
-      for (int64_t d = 0; d < h.dim(); ++d) where += (d ? ", " : "") + std::to_string(pos[d]);
-      TORCH_CHECK_INDEX(false, name, "[", where, "] = ", p[k],
-                        " is out of range: entries must be -1 or in [0, ", P,
-                        ") (the pool has ", P, " rows)");
-    }
+// "i, j, k" of flat position k in a tensor of these sizes.
+std::string position(at::IntArrayRef sizes, int64_t k) {
+  std::vector<int64_t> pos(sizes.size());
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    pos[d] = k % sizes[d];
+    k /= sizes[d];
   }
+  std::string where;
+  for (size_t d = 0; d < pos.size(); ++d) where += (d ? ", " : "") + std::to_string(pos[d]);
+  return where;
+}
+
+// Message for the first entry of idx outside [-1, P), or "" when all are in range.
+// CPU: one pass. Other devices: one reduction and a scalar sync; the offending
+// entry is located (a second sync) only when there is one.
+std::string index_error(const at::Tensor& idx, int64_t P, const std::string& name) {
+  if (idx.numel() == 0) return "";
+  int64_t k = -1;
+  int32_t value = 0;
+  if (idx.is_cpu()) {
+    const at::Tensor h = idx.contiguous();
+    const int32_t* p = h.data_ptr<int32_t>();
+    const int64_t n = h.numel();
+    for (int64_t q = 0; q < n; ++q) {
+      if (p[q] < -1 || p[q] >= P) {
+        k = q;
+        value = p[q];
+        break;
+      }
+    }
+  } else {
+    const at::Tensor flat = idx.reshape(-1);
+    const at::Tensor bad = at::logical_or(flat.lt(-1), flat.ge(P));
+    if (!bad.any().item<bool>()) return "";
+    k = bad.nonzero().view(-1)[0].item<int64_t>();
+    value = flat[k].item<int32_t>();
+  }
+  if (k < 0) return "";
+  return name + "[" + position(idx.sizes(), k) + "] = " + std::to_string(value) +
+         " is out of range: entries must be -1 or in [0, " + std::to_string(P) + ") (the pool has " +
+         std::to_string(P) + " rows)";
+}
+
+// Per-call value check of an index table (see value_checks_apply).
+void check_index_values(const at::Tensor& idx, int64_t P, const char* name) {
+  if (idx.numel() == 0 || !value_checks_apply(idx)) return;
+  const std::string msg = index_error(idx, P, name);
+  TORCH_CHECK_INDEX(msg.empty(), msg);
+}
+
+// Message for the first problem of the segment metadata, or "".
+std::string segment_error(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T) {
+  const int64_t S = seg_tenant.numel();
+  if (!seg_indptr.is_cpu()) {
+    // One fused pass on the device; the host loop below only runs to word the error.
+    at::Tensor bad = at::logical_or(seg_tenant.lt(-1), seg_tenant.ge(T)).any();
+    bad = at::logical_or(bad, seg_indptr.narrow(0, 0, 1).lt(0).any());
+    bad = at::logical_or(bad, seg_indptr.narrow(0, S, 1).gt(N).any());
+    if (S > 0) bad = at::logical_or(bad, seg_indptr.narrow(0, 1, S).lt(seg_indptr.narrow(0, 0, S)).any());
+    if (!bad.item<bool>()) return "";
+  }
+  const at::Tensor ip = seg_indptr.to(at::kCPU).contiguous();
+  const at::Tensor tn = seg_tenant.to(at::kCPU).contiguous();
+  const int32_t* p = ip.data_ptr<int32_t>();
+  const int32_t* t = tn.data_ptr<int32_t>();
+  if (p[0] < 0) return "seg_indptr[0] = " + std::to_string(p[0]) + " must be >= 0";
+  for (int64_t g = 0; g < S; ++g) {
+    if (p[g + 1] < p[g])
+      return "seg_indptr must be non-decreasing, but seg_indptr[" + std::to_string(g) + "] = " +
+             std::to_string(p[g]) + " > seg_indptr[" + std::to_string(g + 1) + "] = " + std::to_string(p[g + 1]);
+    if (t[g] < -1 || t[g] >= T)
+      return "seg_tenant[" + std::to_string(g) + "] = " + std::to_string(t[g]) +
+             " is out of range: must be -1 or in [0, " + std::to_string(T) + ") (" + std::to_string(T) +
+             " tenants)";
+  }
+  if (p[S] > N)
+    return "seg_indptr[" + std::to_string(S) + "] = " + std::to_string(p[S]) +
+           " exceeds the number of tokens N = " + std::to_string(N);
+  return "";
 }
 
 SegDims check_segments(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N,
@@ -113,21 +204,78 @@ SegDims check_segments(const at::Tensor& seg_indptr, const at::Tensor& seg_tenan
                     "seg_indptr must have one more entry than seg_tenant (S+1 vs S), got ",
                     seg_indptr.size(0), " and ", seg_tenant.size(0));
   SegDims d{seg_tenant.size(0), N};
-  if (!index_checks_enabled()) return d;
-  at::Tensor ip = host(seg_indptr);
-  at::Tensor tn = host(seg_tenant);
-  const int32_t* p = ip.data_ptr<int32_t>();
-  const int32_t* t = tn.data_ptr<int32_t>();
-  TORCH_CHECK_INDEX(p[0] >= 0, "seg_indptr[0] = ", p[0], " must be >= 0");
-  for (int64_t g = 0; g < d.S; ++g) {
-    TORCH_CHECK_INDEX(p[g + 1] >= p[g], "seg_indptr must be non-decreasing, but seg_indptr[", g,
-                      "] = ", p[g], " > seg_indptr[", g + 1, "] = ", p[g + 1]);
-    TORCH_CHECK_INDEX(t[g] >= -1 && t[g] < T, "seg_tenant[", g, "] = ", t[g],
-                      " is out of range: must be -1 or in [0, ", T, ") (", T, " tenants)");
-  }
-  TORCH_CHECK_INDEX(p[d.S] <= N, "seg_indptr[", d.S, "] = ", p[d.S],
-                    " exceeds the number of tokens N = ", N);
+  if (!value_checks_apply(seg_indptr)) return d;
+  const std::string msg = segment_error(seg_indptr, seg_tenant, N, T);
+  TORCH_CHECK_INDEX(msg.empty(), msg);
   return d;
+}
+
+// ---- memory overlap (host-side pointer arithmetic only) ----------------------
+
+// The bytes a 2-D tensor with unit column stride (or <= 1 column) covers, as
+// `count` intervals [base + k*pitch, base + k*pitch + len). Rows that touch or
+// overlap are merged into one interval, so intervals are disjoint and sorted.
+struct Comb {
+  uintptr_t base = 0;
+  int64_t count = 0, pitch = 0, len = 0;
+};
+
+Comb comb_of(const at::Tensor& t) {
+  Comb c;
+  if (t.numel() == 0) return c;
+  const int64_t e = t.element_size();
+  c.base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  if (t.dim() != 2 || (t.size(1) > 1 && t.stride(1) != 1)) {
+    // Any other layout: the hull of its elements (conservative).
+    int64_t span = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * std::abs(t.stride(d));
+    c.count = 1;
+    c.len = span * e;
+    return c;
+  }
+  const int64_t rows = t.size(0), w = t.size(1), rs = t.stride(0);
+  if (rows == 1 || rs <= w) {
+    c.count = 1;
+    c.len = ((rows - 1) * rs + w) * e;
+  } else {
+    c.count = rows;
+    c.pitch = rs * e;
+    c.len = w * e;
+  }
+  return c;
+}
+
+bool combs_overlap(const Comb& a, const Comb& b) {
+  if (a.count == 0 || b.count == 0) return false;
+  const auto hull_end = [](const Comb& c) { return c.base + (c.count - 1) * c.pitch + c.len; };
+  if (hull_end(a) <= b.base || hull_end(b) <= a.base) return false;
+  const Comb& small = a.count <= b.count ? a : b;
+  const Comb& big = a.count <= b.count ? b : a;
+  for (int64_t k = 0; k < small.count; ++k) {
+    const uintptr_t s = small.base + k * small.pitch, e = s + small.len;
+    // first interval of `big` that ends after s
+    int64_t q = 0;
+    if (s >= big.base + big.len) q = big.pitch == 0 ? big.count : (s - big.base - big.len) / big.pitch + 1;
+    if (q < big.count && big.base + q * big.pitch < e) return true;
+  }
+  return false;
+}
+
+// `out` (written by the op) must not overlap itself.
+void check_no_self_overlap(const at::Tensor& out, const char* name) {
+  if (out.dim() != 2 || out.size(0) < 2 || out.size(1) < 1) return;
+  TORCH_CHECK_VALUE(out.stride(0) >= out.size(1), name,
+                    " overlaps itself in memory: its rows share elements (shape ", out.sizes(), ", strides ",
+                    out.strides(), "); the op writes every row, so pass an output whose row stride is at least "
+                    "its row length");
+}
+
+// `out` (written by the op) must not share memory with `in` (read by it).
+void check_no_alias(const at::Tensor& out, const char* out_name, const at::Tensor& in, const char* in_name) {
+  if (!out.defined() || !in.defined() || out.device() != in.device()) return;
+  TORCH_CHECK_VALUE(!combs_overlap(comb_of(out), comb_of(in)), out_name, " shares memory with ", in_name,
+                    ": the op writes ", out_name, " while it reads ", in_name, "; pass an ", out_name,
+                    " that does not overlap ", in_name, " (e.g. a clone)");
 }
 
 // idx [T, r, l] against a feature dim `feat` = l * s of an activation and a pool [P, s].
@@ -176,6 +324,43 @@ bool index_checks_enabled() { return checks_flag().load(std::memory_order_relaxe
 
 bool set_index_checks(bool enabled) { return checks_flag().exchange(enabled); }
 
+bool device_index_checks_enabled() { return device_checks_flag().load(std::memory_order_relaxed); }
+
+bool set_device_index_checks(bool enabled) { return device_checks_flag().exchange(enabled); }
+
+bool value_checks_apply(const at::Tensor& t) {
+  if (!index_checks_enabled()) return false;
+  if (t.is_cpu()) return true;
+  return device_index_checks_enabled() && !stream_capturing(t);
+}
+
+bool deterministic_grads_flag() { return deterministic_flag().load(std::memory_order_relaxed); }
+
+bool set_deterministic_grads(bool enabled) { return deterministic_flag().exchange(enabled); }
+
+bool deterministic_grads_enabled() {
+  return deterministic_grads_flag() || at::globalContext().deterministicAlgorithms();
+}
+
+void validate_index_values(const at::Tensor& idx, int64_t P, const std::string& name) {
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, name, " must be int32, got ", dt(idx.scalar_type()));
+  TORCH_CHECK_VALUE(P >= 0, "pool_rows must be >= 0, got ", P);
+  const std::string msg = index_error(idx, P, name);
+  TORCH_CHECK_VALUE(msg.empty(), msg);
+}
+
+void validate_segment_values(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N,
+                             int64_t T) {
+  check_int32(seg_indptr, "seg_indptr", 1);
+  check_int32(seg_tenant, "seg_tenant", 1);
+  same_device(seg_tenant, "seg_tenant", seg_indptr, "seg_indptr");
+  TORCH_CHECK_VALUE(seg_indptr.size(0) == seg_tenant.size(0) + 1,
+                    "seg_indptr must have one more entry than seg_tenant (S+1 vs S), got ",
+                    seg_indptr.size(0), " and ", seg_tenant.size(0));
+  const std::string msg = segment_error(seg_indptr, seg_tenant, N, T);
+  TORCH_CHECK_VALUE(msg.empty(), msg);
+}
+
 at::ScalarType acc_dtype(at::ScalarType act) { return act == at::kDouble ? at::kDouble : at::kFloat; }
 
 SideDims check_gather_shards(const at::Tensor& pool, const at::Tensor& idx) {
@@ -221,6 +406,9 @@ SideDims check_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor
   SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)");
   check_rank_space(v, "v", y.scalar_type(), "y", y.size(0), b.r);
   check_scale(scale, b.T, y, "y");
+  check_no_self_overlap(y, "y");
+  check_no_alias(y, "y", v, "v");
+  check_no_alias(y, "y", pool_b, "pool_b");
   check_segments(seg_indptr, seg_tenant, y.size(0), b.T, y, "y");
   return b;
 }
@@ -249,6 +437,10 @@ std::pair<SideDims, SideDims> check_sgmv(const at::Tensor& y, const at::Tensor& 
                     "idx_a and idx_b must agree on tenants and rank ([T, r, *]), got shapes ",
                     idx_a.sizes(), " and ", idx_b.sizes());
   check_scale(scale, a.T, x, "x");
+  check_no_self_overlap(y, "y");
+  check_no_alias(y, "y", x, "x");
+  check_no_alias(y, "y", pool_a, "pool_a");
+  check_no_alias(y, "y", pool_b, "pool_b");
   check_segments(seg_indptr, seg_tenant, x.size(0), a.T, x, "x");
   return {a, b};
 }
@@ -270,6 +462,8 @@ SideDims check_shard_grad(const at::Tensor& grad_pool, const at::Tensor& u, cons
   SideDims d = check_table(idx, "idx", grad_pool, "grad_pool", x.size(1), "x.size(1)");
   check_rank_space(u, "u", x.scalar_type(), "x", x.size(0), d.r);
   check_scale(scale, d.T, x, "x");
+  check_no_alias(grad_pool, "grad_pool", u, "u");
+  check_no_alias(grad_pool, "grad_pool", x, "x");
   check_segments(seg_indptr, seg_tenant, x.size(0), d.T, x, "x");
   return d;
 }

@@ -1,14 +1,23 @@
 // Argument validation shared by the CPU and CUDA implementations of every op.
 //
-// Two kinds of checks:
-//  * metadata (dtype, device, rank, shape, strides): always on, free;
+// What is checked when:
+//  * metadata (dtype, device, rank, shape, strides) and memory overlap (an
+//    output overlapping itself, or sharing memory with an input it reads):
+//    every call, every device; host-side only (sizes, strides, pointers), so
+//    never a sync and safe under CUDA-graph capture;
 //  * values of the small int tensors (index tables within the pool or -1,
-//    seg_tenant in [-1, T), seg_indptr non-decreasing within [0, N]): one pass
-//    over small tensors, on by default. For CUDA tensors they copy to the host
-//    (a sync), so serving under CUDA-graph capture turns them off with
-//    mos_ext.set_index_checks(False) or MOS_EXT_CHECK_INDICES=0. With checks
-//    off, kernels still never read out of bounds: an out-of-range index or
-//    tenant is skipped like -1 and segment bounds are clamped to [0, N].
+//    seg_tenant in [-1, T), seg_indptr non-decreasing within [0, N]):
+//      - CPU tensors: every call, while index checks are on (the default;
+//        mos_ext.set_index_checks(False) or MOS_EXT_CHECK_INDICES=0 turn them off);
+//      - other devices (CUDA): only when also opted in with
+//        mos_ext.set_device_index_checks(True) or MOS_EXT_CHECK_INDICES_DEVICE=1
+//        (a reduction on the device and one scalar sync per tensor), and never
+//        while the current stream is capturing a CUDA graph. Tables are meant to
+//        be validated once where they are created or loaded (validate_index_values,
+//        mos_ext.validate_tables), not per call.
+//    With value checks skipped, kernels still never read out of bounds: an
+//    out-of-range index or tenant is skipped like -1 and segment bounds are
+//    clamped to [0, N].
 //
 // Errors name the argument and say what was expected and what was given.
 #pragma once
@@ -16,12 +25,40 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 namespace mos {
 
 bool index_checks_enabled();
 // Returns the previous setting.
 bool set_index_checks(bool enabled);
+
+// Per-call value checks of tensors on a non-CPU device (default off).
+bool device_index_checks_enabled();
+// Returns the previous setting.
+bool set_device_index_checks(bool enabled);
+
+// Whether per-call value checks run for tensors on t's device right now.
+bool value_checks_apply(const at::Tensor& t);
+
+// Deterministic pool gradients in the training backward (sharded_lora):
+// mos_ext.set_deterministic_grads / MOS_EXT_DETERMINISTIC_GRADS, or
+// torch.use_deterministic_algorithms(True).
+bool deterministic_grads_flag();
+// Returns the previous setting of the flag.
+bool set_deterministic_grads(bool enabled);
+// The flag or torch's deterministic-algorithms mode.
+bool deterministic_grads_enabled();
+
+// One-off validation (where tables are created or loaded), whatever the
+// settings above and on any device (one reduction and one scalar sync on a
+// GPU): every entry of idx in [-1, P). Raises ValueError naming `name` and the
+// first bad entry.
+void validate_index_values(const at::Tensor& idx, int64_t P, const std::string& name);
+// seg_indptr [S+1] non-decreasing within [0, N], seg_tenant [S] in [-1, T).
+// Raises ValueError.
+void validate_segment_values(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N,
+                             int64_t T);
 
 // The accumulation dtype for activations of dtype `act`: fp64 for fp64, else fp32.
 at::ScalarType acc_dtype(at::ScalarType act);

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "checks.h"
+#include "sharded_lora.h"
 #include "cpu/dense.h"
 #include "cpu/kernels.h"
 
@@ -31,6 +32,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_index_checks", &mos::set_index_checks, py::arg("enabled"),
         "Turn value checks of index tables and segments on/off; returns the previous setting.");
   m.def("index_checks_enabled", &mos::index_checks_enabled);
+  m.def("set_device_index_checks", &mos::set_device_index_checks, py::arg("enabled"),
+        "Per-call value checks of index tensors on GPUs (off by default); returns the previous setting.");
+  m.def("device_index_checks_enabled", &mos::device_index_checks_enabled);
+  m.def("set_deterministic_grads", &mos::set_deterministic_grads, py::arg("enabled"),
+        "Deterministic pool gradients in sharded_lora's backward; returns the previous setting.");
+  m.def("deterministic_grads_flag", &mos::deterministic_grads_flag);
+  m.def("deterministic_grads_enabled", &mos::deterministic_grads_enabled);
+  m.def("validate_index_values", &mos::validate_index_values, py::arg("idx"), py::arg("pool_rows"),
+        py::arg("name"));
+  m.def("validate_segment_values", &mos::validate_segment_values, py::arg("seg_indptr"), py::arg("seg_tenant"),
+        py::arg("num_tokens"), py::arg("num_tenants"));
+  m.def("pool_grad_tap", &mos::pool_grad_tap, py::arg("pool"));
   m.def("cpu_isa", [] { return std::string(mos::cpu::kernels().isa); });
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
   m.def("available_cpu_isas", &available_cpu_isas);

@@ -10,7 +10,8 @@ import torch  # noqa: F401  (the native library links against torch's libs)
 
 from . import _C
 from . import ops
-from .ops import gather_shards, sgmv, sgmv_expand, sgmv_shrink, shard_grad, sharded_lora
+from .ops import (PoolGradTaps, gather_shards, pool_grad_tap, sgmv, sgmv_expand, sgmv_shrink, shard_grad,
+                  sharded_lora, validate_segments, validate_tables)
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,15 @@ __all__ = [
     "set_index_checks",
     "index_checks_enabled",
     "index_checks",
+    "set_device_index_checks",
+    "device_index_checks_enabled",
+    "validate_tables",
+    "validate_segments",
+    "set_deterministic_grads",
+    "deterministic_grads_enabled",
+    "deterministic_grads",
+    "pool_grad_tap",
+    "PoolGradTaps",
     "cpu_isa",
     "set_cpu_isa",
     "available_cpu_isas",
@@ -74,31 +84,83 @@ __all__ = [
 
 
 def set_index_checks(enabled: bool) -> bool:
-    """Turn the value checks of index tables and segment metadata on or off.
+    """Turn the per-call value checks of index tables and segment metadata on or off.
 
     On by default (or as ``MOS_EXT_CHECK_INDICES=0`` says at import). The checks
-    read ``idx_*``, ``seg_indptr`` and ``seg_tenant``; for CUDA tensors that is a
-    device-to-host copy, so turn them off for CUDA-graph capture of a serving
-    step. With checks off, out-of-range indices or tenants are skipped like
-    ``-1`` and segment bounds are clamped (never an out-of-bounds access), but
-    the output is then not what was meant. Returns the previous setting.
+    read ``idx_*``, ``seg_indptr`` and ``seg_tenant``. For CPU tensors they run on
+    every call while this is on; for CUDA tensors they also need
+    :func:`set_device_index_checks` (off by default: no per-call host sync), and
+    never run while a stream is capturing a CUDA graph. With checks off,
+    out-of-range indices or tenants are skipped like ``-1`` and segment bounds are
+    clamped (never an out-of-bounds access), but the output is then not what was
+    meant: validate tables once with :func:`validate_tables`. Returns the previous
+    setting.
     """
     return _C.set_index_checks(bool(enabled))
 
 
 def index_checks_enabled() -> bool:
-    """Whether the value checks of indices and segments are on."""
+    """Whether the per-call value checks of indices and segments are on (for CPU tensors)."""
     return _C.index_checks_enabled()
 
 
+def set_device_index_checks(enabled: bool) -> bool:
+    """Opt in (or out) of per-call value checks for tensors on a GPU.
+
+    Off by default, or as ``MOS_EXT_CHECK_INDICES_DEVICE=1`` says at import. When on
+    (and :func:`index_checks_enabled`), each CUDA call checks its index and segment
+    tensors with a reduction on the device and one scalar device-to-host copy per
+    tensor (a sync); skipped while the current stream is capturing a CUDA graph.
+    For debugging; in training and serving validate once with
+    :func:`validate_tables`. Returns the previous setting.
+    """
+    return _C.set_device_index_checks(bool(enabled))
+
+
+def device_index_checks_enabled() -> bool:
+    """Whether per-call value checks also run for GPU tensors."""
+    return _C.device_index_checks_enabled()
+
+
 @contextlib.contextmanager
-def index_checks(enabled: bool):
-    """Context manager form of :func:`set_index_checks`; restores the old setting."""
+def index_checks(enabled: bool, device=None):
+    """Context manager form of :func:`set_index_checks` (and, when ``device`` is
+    given, of :func:`set_device_index_checks`); restores the old settings."""
     previous = set_index_checks(enabled)
+    prev_dev = set_device_index_checks(device) if device is not None else None
     try:
         yield
     finally:
         set_index_checks(previous)
+        if prev_dev is not None:
+            set_device_index_checks(prev_dev)
+
+
+def set_deterministic_grads(enabled: bool) -> bool:
+    """Deterministic pool gradients in training (``sharded_lora``'s backward and
+    ``sgmv_shrink``'s): ``shard_grad(deterministic=True)``, a fixed-order reduction that
+    is bitwise reproducible run to run (slower on CUDA than the atomic default).
+
+    Also on while ``torch.use_deterministic_algorithms(True)`` is, or from import with
+    ``MOS_EXT_DETERMINISTIC_GRADS=1``. The setting in effect when a forward pass runs
+    also holds for its backward. Returns the previous setting.
+    """
+    return _C.set_deterministic_grads(bool(enabled))
+
+
+def deterministic_grads_enabled() -> bool:
+    """Whether pool gradients are deterministic now (the flag or torch's deterministic mode)."""
+    return _C.deterministic_grads_enabled()
+
+
+@contextlib.contextmanager
+def deterministic_grads(enabled: bool = True):
+    """Context manager form of :func:`set_deterministic_grads`."""
+    previous = set_deterministic_grads(enabled)
+    try:
+        yield
+    finally:
+        set_deterministic_grads(previous)
 
 
 def cpu_isa() -> str:

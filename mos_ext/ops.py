@@ -14,6 +14,26 @@ or fp32; index tables and segment tensors int32; ``scale`` fp32 ``[T]``. The
 rank-space tensors (``v``, ``u``) and pool gradients use the accumulation dtype:
 fp64 for fp64 activations, else fp32.
 
+What every op checks, and when (``csrc/checks.h``):
+
+* every call, every device, host-side only (no sync, CUDA-graph safe): dtypes,
+  devices, ranks, shapes, strides, and memory overlap: the output (``y``,
+  ``grad_pool``) must not overlap itself nor share memory with an input the op
+  reads (``x``, ``v``, the pools, ``u``) -> ``ValueError``;
+* values of ``idx_*``, ``seg_indptr``, ``seg_tenant`` -> ``IndexError``: every
+  call for CPU tensors (cheap; ``mos_ext.set_index_checks(False)`` turns them
+  off); for CUDA tensors only when opted in with
+  ``mos_ext.set_device_index_checks(True)`` / ``MOS_EXT_CHECK_INDICES_DEVICE=1``
+  (one device reduction and a scalar sync per tensor), and never while the
+  stream is capturing a CUDA graph. Validate tables once where they are made
+  or loaded with :func:`validate_tables` (``AdapterStore.load`` does).
+  Unchecked bad values never cause an out-of-bounds access: out-of-range
+  entries are skipped like ``-1`` and segment bounds clamped.
+
+A ``-1`` entry is skipped, never multiplied as a zero shard: Inf/NaN in ``x``
+(or in the columns of ``v`` of a padded rank row) do not reach ``y`` through
+it, on the CPU and on CUDA alike.
+
 This module registers the fake (meta) kernels and the autograd formulas of
 ``sgmv_shrink`` and ``gather_shards``; the kernels, and ``sharded_lora``'s
 composite and autograd (``csrc/sharded_lora.cpp``), are C++/CUDA.
@@ -24,7 +44,8 @@ import torch
 
 from . import _C  # noqa: F401  (registers the schemas and kernels)
 
-__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora"]
+__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "validate_tables",
+           "validate_segments", "pool_grad_tap", "PoolGradTaps"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +121,114 @@ def sharded_lora(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
 
 
 # ----------------------------------------------------------------------------
+# One-off validation and the per-step pool-gradient accumulator
+
+
+def validate_tables(idx: torch.Tensor, pool_rows, name: str = "idx") -> torch.Tensor:
+    """Check once that every entry of an index table is ``-1`` or in ``[0, pool_rows)``.
+
+    For tables made or loaded outside the hot path (``AdapterStore.load``, an
+    adapter's tables when the model is built), so that per-call value checks on
+    CUDA can stay off. Works on any device: on a GPU one reduction and one scalar
+    sync (a second one to locate a bad entry). ``pool_rows`` is an int or the
+    pool tensor. Raises ``TypeError`` unless ``idx`` is int32 and ``ValueError``
+    naming ``name`` and the first bad entry; returns ``idx``.
+    """
+    P = int(pool_rows.shape[0]) if isinstance(pool_rows, torch.Tensor) else int(pool_rows)
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
+    _C.validate_index_values(idx, P, name)
+    return idx
+
+
+def validate_segments(seg_indptr: torch.Tensor, seg_tenant: torch.Tensor, num_tokens: int, num_tenants: int) -> None:
+    """Check segment metadata once (``seg_indptr`` non-decreasing within ``[0, num_tokens]``,
+    ``seg_tenant`` in ``[-1, num_tenants)``), on any device; raises ``ValueError``."""
+    _C.validate_segment_values(seg_indptr, seg_tenant, int(num_tokens), int(num_tenants))
+
+
+def pool_grad_tap(pool: torch.Tensor) -> torch.Tensor:
+    """Identity on ``pool`` for one forward pass, so that the pool gradients of all its
+    :func:`sharded_lora` consumers go into **one** accumulator per backward pass.
+
+    Without it, every layer that reads a shared pool gets its own pool-sized fp32 zero
+    gradient in backward, which autograd then casts and adds up (L layers: L memsets,
+    L-1 pool-sized adds). Through a tap, each layer's ``shard_grad`` adds straight into
+    one fp32 (fp64 for fp64 activations) buffer made by the first layer's backward; the
+    tap hands it to autograd once, cast to the pool's dtype, as the pool's ordinary
+    gradient (``.grad``, hooks, DDP / FSDP2 see one gradient per step). Other consumers
+    of the tapped tensor still work (their gradients are added in). Results equal the
+    untapped ones up to fp32 summation order.
+
+    Use the returned tensor in place of ``pool`` in every layer of one forward pass;
+    make a new tap per forward pass (see :class:`PoolGradTaps`). Returns ``pool`` itself
+    when no gradient is needed (grad mode off, ``pool.requires_grad`` False) or under
+    ``torch.compile`` (the tap is an eager autograd node).
+    """
+    if not (torch.is_grad_enabled() and pool.requires_grad) or _compiling():
+        return pool
+    return _C.pool_grad_tap(pool)
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+class PoolGradTaps:
+    """A per-forward-pass cache of :func:`pool_grad_tap`.
+
+    ``taps(pool)`` returns the same tap for the same pool until :meth:`reset`.
+    ``taps.take(owner, pool_a, pool_b)`` does the same for a layer ``owner`` (any hashable,
+    e.g. ``(id(layer), adapter_name)``) and resets the cache by itself when an owner asks a
+    second time, which is how a new forward pass shows itself; so a model needs no hooks.
+    Whatever the cache does, gradients stay right: a consumer that does not read the pool
+    straight from the tap its autograd edge points to returns its gradient the ordinary way
+    (activation-checkpoint recomputation, a layer called twice, two forward passes before
+    one backward all work; only the saving shrinks)."""
+
+    def __init__(self):
+        self._taps = {}
+        self._owners = set()
+
+    def __call__(self, pool: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and pool.requires_grad) or _compiling():
+            return pool
+        hit = self._taps.get(id(pool))
+        if hit is not None and hit[0] is pool:
+            return hit[1]
+        tap = _C.pool_grad_tap(pool)
+        self._taps[id(pool)] = (pool, tap)
+        return tap
+
+    def take(self, owner, *pools: torch.Tensor):
+        """The taps of ``pools`` for layer ``owner`` (a tuple), starting a new forward pass when
+        ``owner`` already took its taps since the last reset."""
+        if not torch.is_grad_enabled() or _compiling():
+            return pools
+        if owner in self._owners:
+            self.reset()
+        self._owners.add(owner)
+        return tuple(self(p) for p in pools)
+
+    def reset(self) -> None:
+        self._taps.clear()
+        self._owners.clear()
+
+    def __len__(self) -> int:
+        return len(self._taps)
+
+    # A copied or pickled model starts with an empty cache (taps are graph tensors).
+    def __deepcopy__(self, memo):
+        return PoolGradTaps()
+
+    def __reduce__(self):
+        return (PoolGradTaps, ())
+
+
+# ----------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only.
 
 
@@ -158,8 +287,13 @@ def _unit_stride(t):
 def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant):
     """d(pool) from rank-space grads u [N, r] and activations x, via shard_grad."""
     g = torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
-    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, False)
+    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, _deterministic())
     return g
+
+
+def _deterministic() -> bool:
+    """mos_ext.set_deterministic_grads / MOS_EXT_DETERMINISTIC_GRADS or torch.use_deterministic_algorithms."""
+    return _C.deterministic_grads_flag() or torch.are_deterministic_algorithms_enabled()
 
 
 def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant):

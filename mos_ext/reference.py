@@ -2,7 +2,11 @@
 
 Written straight from ``shared/design/MOS.md`` §3, for clarity only: a Python
 loop over segments, the adapter matrices materialized with indexing, all
-arithmetic in float64, one cast to the op's output dtype at the end. Functions
+arithmetic in float64, one cast to the op's output dtype at the end.
+A ``-1`` table entry is *skipped*: its slot contributes nothing, so Inf/NaN in
+the activations or rank-space values it would have met never leak into the
+result (multiplying by a zero shard would turn them into NaN); the kernels on
+every device do the same. Functions
 return new tensors (the in-place ops' results are returned instead of written)
 and are differentiable through ordinary autograd, so they also give reference
 gradients.
@@ -34,19 +38,35 @@ def gather_shards(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return shards.reshape(*idx.shape[:-1], idx.shape[-1] * s)
 
 
-def _a(pool_a, idx_a, t):
-    return gather_shards(pool_a.double(), idx_a[t])  # A_t [r, h]
+def _shards(pool, idx_t):
+    """(shards [r, l, s] float64 with skipped entries zero, valid [r, l]) of one tenant's table."""
+    valid = idx_t >= 0
+    shards = pool.double()[idx_t.long().clamp(min=0)]
+    return torch.where(valid.unsqueeze(-1), shards, torch.zeros_like(shards)), valid
 
 
-def _bt(pool_b, idx_b, t):
-    return gather_shards(pool_b.double(), idx_b[t])  # B_t^T [r, o]
+def _shrink_t(x_seg, pool_a, idx_t):
+    """``x_seg @ A_t.T`` where a ``-1`` slot contributes nothing (skipped, never ``x * 0``)."""
+    shards, valid = _shards(pool_a, idx_t)
+    r, l, s = shards.shape
+    dots = torch.einsum("nis,jis->nji", x_seg.double().reshape(-1, l, s), shards)  # [m, r, l]
+    return torch.where(valid, dots, torch.zeros_like(dots)).sum(-1)
+
+
+def _expand_t(v_seg, pool_b, idx_t):
+    """``v_seg @ B_t.T`` where a ``-1`` slot of rank row j takes nothing from ``v[:, j]``."""
+    shards, valid = _shards(pool_b, idx_t)
+    r, l, s = shards.shape
+    vm = v_seg.double().unsqueeze(1).expand(-1, l, -1)  # [m, l, r]
+    vm = torch.where(valid.T.unsqueeze(0), vm, torch.zeros_like(vm))
+    return torch.einsum("nij,jis->nis", vm, shards).reshape(-1, l * s)
 
 
 def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
     """``v[s:e] = x[s:e] @ A_t.T``; other rows zero. Returns ``[N, r]`` in the accumulation dtype."""
     v = torch.zeros(x.shape[0], idx_a.shape[1], dtype=torch.float64, device=x.device)
     for s, e, t in segments(seg_indptr, seg_tenant):
-        v[s:e] = x[s:e].double() @ _a(pool_a, idx_a, t).T
+        v[s:e] = _shrink_t(x[s:e], pool_a, idx_a[t])
     return v.to(_acc_dtype(x.dtype))
 
 
@@ -54,7 +74,7 @@ def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Ten
     """New ``y`` with ``y[s:e] += scale[t] * v[s:e] @ B_t.T``."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
-        out[s:e] = out[s:e] + scale[t].double() * (v[s:e].double() @ _bt(pool_b, idx_b, t))
+        out[s:e] = out[s:e] + scale[t].double() * _expand_t(v[s:e], pool_b, idx_b[t])
     return out.to(y.dtype)
 
 
@@ -62,8 +82,8 @@ def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> t
     """New ``y`` with ``y[s:e] += scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` (one rounding)."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
-        v = x[s:e].double() @ _a(pool_a, idx_a, t).T
-        out[s:e] = out[s:e] + scale[t].double() * (v @ _bt(pool_b, idx_b, t))
+        v = _shrink_t(x[s:e], pool_a, idx_a[t])
+        out[s:e] = out[s:e] + scale[t].double() * _expand_t(v, pool_b, idx_b[t])
     return out.to(y.dtype)
 
 

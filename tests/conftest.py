@@ -18,10 +18,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _index_checks_on():
-    """Every test starts with index checks on and leaves them as it found them."""
+    """Every test starts with index checks on (per-call device checks at their default, off)
+    and deterministic pool gradients off, and leaves all three as it found them."""
     prev = mos_ext.set_index_checks(True)
+    prev_dev = mos_ext.set_device_index_checks(False)
+    prev_det = mos_ext.set_deterministic_grads(False)
     yield
     mos_ext.set_index_checks(prev)
+    mos_ext.set_device_index_checks(prev_dev)
+    mos_ext.set_deterministic_grads(prev_det)
 
 
 @pytest.fixture

@@ -330,7 +330,7 @@ def test_invalid_indices_raise_with_checks_on():
     P = c.pool_a.shape[0]
     bad = d.idx_a.clone()
     bad[1, 0, 2] = P
-    with mos_ext.index_checks(True):
+    with mos_ext.index_checks(True, device=True):  # per-call checks on CUDA are opt-in
         with pytest.raises(IndexError, match="idx_a"):
             ops.sgmv(d.y, d.x, d.pool_a, d.pool_b, bad, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
         with pytest.raises(IndexError, match="idx_a"):

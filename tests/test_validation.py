@@ -159,3 +159,101 @@ def test_negative_dense_threshold_rejected():
     with pytest.raises(ValueError, match="dense_min_tokens must be >= 0"):
         mos_ext.set_cpu_dense_min_tokens(-1)
     assert mos_ext.cpu_dense_min_tokens() == before
+
+
+# ----------------------------------------------------------------------------
+# Memory overlap (every device, host-side), one-off validation, check settings
+
+
+def test_output_overlapping_itself_rejected(p):
+    base = torch.zeros(p.x.shape[0] + 1, p.y.shape[1])
+    y = base.as_strided(p.y.shape, (1, 1))  # rows share all but one element
+    for fn, frag in ((lambda: ops.sgmv(y, p.x, p.pool_a, p.pool_b, p.idx_a, p.idx_b, p.scale, p.seg_indptr,
+                                       p.seg_tenant), "y overlaps itself"),
+                     (lambda: ops.sgmv_expand(y, torch.zeros(20, 4), p.pool_b, p.idx_b, p.scale, p.seg_indptr,
+                                              p.seg_tenant), "y overlaps itself")):
+        with pytest.raises(ValueError, match=frag):
+            fn()
+    assert torch.all(base == 0)
+    y0 = p.y.new_zeros(1, p.y.shape[1]).expand(p.y.shape[0], -1)  # stride 0 rows
+    with pytest.raises(ValueError, match="y overlaps itself"):
+        ops.sgmv(y0, p.x, p.pool_a, p.pool_b, p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
+
+
+def test_output_aliasing_an_input_rejected(p):
+    """y sharing memory with x / v / a pool, grad_pool with u / x: ValueError naming both, nothing written."""
+    o, h = p.y.shape[1], p.x.shape[1]
+    buf = torch.randn(p.x.shape[0], h + o)
+    x, y = buf[:, :h], buf[:, h - 8:h - 8 + o]  # y's first 8 columns are x's last 8
+    before = buf.clone()
+    with pytest.raises(ValueError, match="y shares memory with x"):
+        ops.sgmv(y, x, p.pool_a, p.pool_b, p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
+    assert torch.equal(buf, before)
+    # side by side in one buffer without overlap is fine
+    x2, y2 = buf[:, :h], buf[:, h:]
+    ops.sgmv(y2, x2, p.pool_a, p.pool_b, p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
+    with pytest.raises(ValueError, match="y shares memory with pool_b"):
+        pb = torch.randn(p.pool_b.numel() + p.y.numel())
+        ops.sgmv_expand(pb[: p.y.numel()].view_as(p.y), torch.zeros(20, 4), pb[: p.pool_b.numel()].view_as(p.pool_b),
+                        p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
+    with pytest.raises(ValueError, match="y shares memory with v"):
+        vy = torch.zeros(20 * 4 + 20 * o)
+        ops.sgmv_expand(vy[: 20 * o].view(20, o), vy[20 * o - 4:20 * o - 4 + 80].view(20, 4), p.pool_b, p.idx_b,
+                        p.scale, p.seg_indptr, p.seg_tenant)
+    with pytest.raises(ValueError, match="y shares memory with x"):  # y the first columns of x
+        ops.sgmv(buf[:, :o], buf[:, :h], p.pool_a, p.pool_b, p.idx_a, p.idx_b, p.scale, p.seg_indptr, p.seg_tenant)
+    g = torch.zeros(p.pool_a.shape[0] * p.pool_a.shape[1] + 80)
+    with pytest.raises(ValueError, match="grad_pool shares memory with u"):
+        ops.shard_grad(g[: p.pool_a.numel()].view_as(p.pool_a), g[-80 - 4:-4].view(20, 4), p.x, p.idx_a, p.scale,
+                       p.seg_indptr, p.seg_tenant)
+
+
+def test_validate_tables_and_segments(p):
+    P = p.pool_a.shape[0]
+    assert mos_ext.validate_tables(p.idx_a, p.pool_a, name="idx_a") is p.idx_a
+    mos_ext.validate_tables(p.idx_b, p.pool_b.shape[0], name="idx_b")
+    bad = set_entry(p.idx_a, (2, 1, 0), P)
+    with pytest.raises(ValueError, match=rf"layers.0.q_proj idx_a\[2, 1, 0\] = {P} is out of range"):
+        mos_ext.validate_tables(bad, P, name="layers.0.q_proj idx_a")
+    with pytest.raises(ValueError, match=r"idx\[0, 0, 0\] = -3"):
+        mos_ext.validate_tables(torch.full_like(p.idx_a, -3), P)
+    with pytest.raises(TypeError, match="idx must be int32"):
+        mos_ext.validate_tables(p.idx_a.long(), P)
+    # validation ignores the per-call settings
+    with mos_ext.index_checks(False):
+        with pytest.raises(ValueError, match="out of range"):
+            mos_ext.validate_tables(bad, P)
+    mos_ext.validate_segments(p.seg_indptr, p.seg_tenant, p.x.shape[0], p.idx_a.shape[0])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mos_ext.validate_segments(torch.tensor([0, 9, 4, 12, 20], dtype=torch.int32), p.seg_tenant, 20, 3)
+    with pytest.raises(ValueError, match=r"seg_tenant\[1\] = 3"):
+        mos_ext.validate_segments(p.seg_indptr, torch.tensor([0, 3, 1, 2], dtype=torch.int32), 20, 3)
+    with pytest.raises(ValueError, match="exceeds the number of tokens"):
+        mos_ext.validate_segments(p.seg_indptr, p.seg_tenant, 19, 3)
+
+
+def test_check_settings():
+    """Per-call checks: on for CPU tensors, opt-in for GPU tensors; the context manager restores both."""
+    assert mos_ext.index_checks_enabled() and not mos_ext.device_index_checks_enabled()
+    with mos_ext.index_checks(True, device=True):
+        assert mos_ext.device_index_checks_enabled()
+        with mos_ext.index_checks(False):
+            assert not mos_ext.index_checks_enabled() and mos_ext.device_index_checks_enabled()
+    assert mos_ext.index_checks_enabled() and not mos_ext.device_index_checks_enabled()
+    assert mos_ext.set_device_index_checks(True) is False
+    assert mos_ext.set_device_index_checks(False) is True
+
+
+def test_env_defaults_in_a_fresh_process():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import mos_ext; print(mos_ext.index_checks_enabled(), mos_ext.device_index_checks_enabled(), "
+            "mos_ext.deterministic_grads_enabled())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOS_EXT_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]
+    env.update(MOS_EXT_CHECK_INDICES_DEVICE="1", MOS_EXT_DETERMINISTIC_GRADS="1", MOS_EXT_CHECK_INDICES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]

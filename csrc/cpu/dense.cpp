@@ -58,11 +58,71 @@ int64_t set_dense_min_tokens(int64_t n) {
 }
 
 Plan plan_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T,
-                bool dense_ok) {
+                bool dense_ok, std::initializer_list<std::pair<const at::Tensor*, int64_t>> tables) {
   Plan plan;
   plan.blocks = build_items(seg_indptr, seg_tenant, N, T, &plan.dense, dense_ok ? dense_min_tokens() : 0);
+  if (plan.dense.empty() || tables.size() == 0) return plan;
+  std::vector<int8_t> mixed(T, -1);  // per tenant: -1 unknown, 0 / 1
+  std::vector<Item> keep;
+  for (const Item& g : plan.dense) {
+    if (mixed[g.t] < 0) {
+      mixed[g.t] = 0;
+      for (const auto& tab : tables) {
+        const at::Tensor& idx = *tab.first;
+        const int64_t r = idx.size(1), l = idx.size(2);
+        const int32_t* p = idx.data_ptr<int32_t>() + g.t * r * l;
+        for (int64_t j = 0; j < r && !mixed[g.t]; ++j) {
+          int64_t ok = 0;
+          for (int64_t i = 0; i < l; ++i) ok += (p[j * l + i] >= 0 && p[j * l + i] < tab.second);
+          if (ok != 0 && ok != l) mixed[g.t] = 1;
+        }
+      }
+    }
+    if (!mixed[g.t]) {
+      keep.push_back(g);
+      continue;
+    }
+    for (int64_t b = g.n0; b < g.n1; b += kTokBlock)
+      plan.blocks.push_back(Item{static_cast<int32_t>(b), static_cast<int32_t>(std::min<int64_t>(b + kTokBlock, g.n1)), g.t});
+  }
+  plan.dense.swap(keep);
   return plan;
 }
+
+namespace {
+
+// Rank rows of tenant t whose entries are all valid (others are fully padded:
+// the plan sent tenants with mixed rows to the fused kernels).
+std::vector<int64_t> valid_rows(const at::Tensor& idx, const SideDims& d, int64_t t) {
+  const int32_t* p = idx.data_ptr<int32_t>() + t * d.r * d.l;
+  std::vector<int64_t> rows;
+  for (int64_t j = 0; j < d.r; ++j) {
+    bool ok = true;
+    for (int64_t i = 0; i < d.l && ok; ++i) ok = p[j * d.l + i] >= 0 && p[j * d.l + i] < d.P;
+    if (ok) rows.push_back(j);
+  }
+  return rows;
+}
+
+// The given rank rows of tenant t's [r, l*s] matrix, in `dtype`.
+at::Tensor gather_some(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
+                       const std::vector<int64_t>& rows, at::ScalarType dtype) {
+  const int32_t* p = idx.data_ptr<int32_t>() + t * d.r * d.l;
+  std::vector<int32_t> ids;
+  ids.reserve(rows.size() * d.l);
+  for (int64_t j : rows)
+    for (int64_t i = 0; i < d.l; ++i) ids.push_back(p[j * d.l + i]);
+  at::Tensor out = at::empty({static_cast<int64_t>(rows.size()), d.l * d.s}, pool.options());
+  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(pool.data_ptr()), ids.data(),
+              static_cast<int64_t>(ids.size()), d.P, d.s * pool.element_size());
+  return out.scalar_type() == dtype ? out : out.to(dtype);
+}
+
+at::Tensor as_index(const std::vector<int64_t>& rows) {
+  return at::tensor(at::ArrayRef<int64_t>(rows), at::kLong);
+}
+
+}  // namespace
 
 at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
                          at::ScalarType dtype) {
@@ -75,9 +135,15 @@ at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const Si
 void dense_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a,
                   const at::Tensor& idx_a, const SideDims& a, const std::vector<Item>& segs) {
   for (const Item& g : segs) {
-    const at::Tensor A = gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type());
+    const std::vector<int64_t> rows = valid_rows(idx_a, a, g.t);
+    if (rows.empty()) continue;  // v stays zero
     at::Tensor vs = v.narrow(0, g.n0, g.n1 - g.n0);
-    at::mm_out(vs, x.narrow(0, g.n0, g.n1 - g.n0), A.t());
+    const at::Tensor xs = x.narrow(0, g.n0, g.n1 - g.n0);
+    if (static_cast<int64_t>(rows.size()) == a.r) {
+      at::mm_out(vs, xs, gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type()).t());
+    } else {  // padded rank rows: their columns of v stay zero, never x * 0
+      vs.index_copy_(1, as_index(rows), at::mm(xs, gather_some(pool_a, idx_a, a, g.t, rows, x.scalar_type()).t()));
+    }
   }
 }
 
@@ -86,10 +152,16 @@ void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& po
                   const std::vector<Item>& segs) {
   const float* sc = scale.data_ptr<float>();
   for (const Item& g : segs) {
-    const at::Tensor B = gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type());
+    const std::vector<int64_t> rows = valid_rows(idx_b, b, g.t);
+    if (rows.empty()) continue;
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
+    const at::Tensor vs = v.narrow(0, g.n0, g.n1 - g.n0);
     // v is in the accumulation dtype, which is y's for the fp32/fp64 problems this path takes
-    ys.addmm_(v.narrow(0, g.n0, g.n1 - g.n0), B, 1.0, static_cast<double>(sc[g.t]));
+    if (static_cast<int64_t>(rows.size()) == b.r)
+      ys.addmm_(vs, gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type()), 1.0, static_cast<double>(sc[g.t]));
+    else  // padded rank rows skipped: Inf/NaN in their columns of v never reach y
+      ys.addmm_(vs.index_select(1, as_index(rows)), gather_some(pool_b, idx_b, b, g.t, rows, y.scalar_type()), 1.0,
+                static_cast<double>(sc[g.t]));
   }
 }
 
@@ -99,11 +171,23 @@ void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool
                 const std::vector<Item>& segs) {
   const float* sc = scale.data_ptr<float>();
   for (const Item& g : segs) {
-    const at::Tensor A = gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type());
-    const at::Tensor B = gather_tenant(pool_b, idx_b, b, g.t, x.scalar_type());
-    const at::Tensor vs = at::mm(x.narrow(0, g.n0, g.n1 - g.n0), A.t());
+    const std::vector<int64_t> ra = valid_rows(idx_a, a, g.t), rb = valid_rows(idx_b, b, g.t);
+    if (rb.empty()) continue;
+    const at::Tensor xs = x.narrow(0, g.n0, g.n1 - g.n0);
+    at::Tensor vs;
+    if (static_cast<int64_t>(ra.size()) == a.r) {
+      vs = at::mm(xs, gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type()).t());
+    } else {
+      vs = at::zeros({g.n1 - g.n0, a.r}, x.options());
+      if (!ra.empty())
+        vs.index_copy_(1, as_index(ra), at::mm(xs, gather_some(pool_a, idx_a, a, g.t, ra, x.scalar_type()).t()));
+    }
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
-    ys.addmm_(vs, B, 1.0, static_cast<double>(sc[g.t]));
+    if (static_cast<int64_t>(rb.size()) == b.r)
+      ys.addmm_(vs, gather_tenant(pool_b, idx_b, b, g.t, x.scalar_type()), 1.0, static_cast<double>(sc[g.t]));
+    else
+      ys.addmm_(vs.index_select(1, as_index(rb)), gather_some(pool_b, idx_b, b, g.t, rb, x.scalar_type()), 1.0,
+                static_cast<double>(sc[g.t]));
   }
 }
 

@@ -16,6 +16,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -34,9 +36,14 @@ struct Plan {
 };
 
 // As build_items, sending segments of >= dense_min_tokens() tokens to `dense`
-// when `dense_ok` (an fp32/fp64 problem that may take the BLAS path).
+// when `dense_ok` (an fp32/fp64 problem that may take the BLAS path). A tenant
+// with a rank row that mixes valid and skipped (-1) entries in one of `tables`
+// (index table, pool rows) stays on the fused kernels: a GEMM on its gathered
+// matrix would multiply x by the zero shard of the skipped slot, and Inf/NaN
+// in x would leak through it. Fully padded rank rows are simply left out of
+// the GEMMs.
 Plan plan_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T,
-                bool dense_ok);
+                bool dense_ok, std::initializer_list<std::pair<const at::Tensor*, int64_t>> tables = {});
 
 // Whether activations of this dtype may take the BLAS path.
 inline bool dense_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }

@@ -150,11 +150,13 @@ void shrink_block(const SgmvArgs& g, const Item& it, SgmvScratch<AT>& w) {
   for (int64_t i = 0; i < A.l; ++i) {
     for (int64_t j0 = 0; j0 < r; j0 += kRB) {
       const AT* rows[kRB];
+      bool valid[kRB];
       bool any = false;
       for (int64_t jj = 0; jj < kRB; ++jj) {
         const int64_t j = j0 + jj;
         const int32_t p = j < r ? tab[j * A.l + i] : -1;
-        if (valid_row(p, A.P)) {
+        valid[jj] = valid_row(p, A.P);
+        if (valid[jj]) {
           rows[jj] = shard_row<PT, AT>(A.pool, p, A.s, w.abuf.data() + jj * A.s);
           any = true;
         } else {
@@ -165,8 +167,11 @@ void shrink_block(const SgmvArgs& g, const Item& it, SgmvScratch<AT>& w) {
       for (int64_t n0 = 0; n0 < mp; n0 += kTB) {
         AT out[kTB][kRB];
         dot_tile<AT>(xbuf + n0 * h + i * A.s, h, rows, A.s, out);
+        // A -1 (or, checks off, out-of-range) slot is skipped, not multiplied
+        // by a zero shard: Inf/NaN in x never leak through it (the CUDA kernels agree).
         for (int64_t nn = 0; nn < kTB; ++nn)
-          for (int64_t jj = 0; jj < kRB && j0 + jj < r; ++jj) vblk[(n0 + nn) * r + j0 + jj] += out[nn][jj];
+          for (int64_t jj = 0; jj < kRB && j0 + jj < r; ++jj)
+            if (valid[jj]) vblk[(n0 + nn) * r + j0 + jj] += out[nn][jj];
       }
     }
   }

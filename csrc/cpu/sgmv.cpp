@@ -48,7 +48,7 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& pool_a, const 
   const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
   at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
   if (a.r == 0 || x.size(0) == 0) return v;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), a.T, dense_dtype(x.scalar_type()));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), a.T, dense_dtype(x.scalar_type()), {{&idx_a, a.P}});
   dense_shrink(v, x, pool_a, idx_a, a, plan.dense);
   shrink_into(v, x, pool_a, idx_a, a, plan.blocks);
   return v;
@@ -59,7 +59,7 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor&
                      const at::Tensor& seg_tenant) {
   const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
   if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, y.size(0), b.T, dense_dtype(y.scalar_type()));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, y.size(0), b.T, dense_dtype(y.scalar_type()), {{&idx_b, b.P}});
   dense_expand(y, v, pool_b, idx_b, scale, b, plan.dense);
   expand_from(y, v, pool_b, idx_b, scale, b, plan.blocks);
 }
@@ -69,7 +69,8 @@ void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a
               const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
   const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
   if (dims.first.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), dims.first.T, dense_dtype(x.scalar_type()));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), dims.first.T, dense_dtype(x.scalar_type()),
+                               {{&idx_a, dims.first.P}, {&idx_b, dims.second.P}});
   dense_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, dims.first, dims.second, plan.dense);
   const std::vector<Item>& items = plan.blocks;
   if (items.empty()) return;

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapter_io import AdapterSpec, read_adapter
 from ..layers import base_dims
+from ..ops import validate_tables
 
 
 class CapacityError(RuntimeError):
@@ -288,6 +289,8 @@ class AdapterStore:
             stacked = torch.stack(idx_all)  # [L, r, l]
             rows, new_idx = _reshard(big, stacked, s_store)
             rows, (new_idx,) = _compact(rows, [new_idx])
+            # validated once here, before the store changes: per-call checks stay off on CUDA
+            validate_tables(new_idx.to(torch.int32), rows.shape[0], name=f"{key} {side} tables")
             rows_out[(key, side)] = (rows, new_idx)
             for k, (path, _, _) in enumerate(g["entries"]):
                 tables.setdefault(path, [None, None])[0 if side == "A" else 1] = new_idx[k]
