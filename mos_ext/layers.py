@@ -76,12 +76,16 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         self.mos_r: Dict[str, int] = {}
         self._mos_pools: Dict[str, tuple] = {}  # name -> (pool bank, type); pools looked up per call
         self._scale_t: Dict[tuple, torch.Tensor] = {}
+        self.mos_deterministic: Dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # tables that arrive through load_state_dict (any loader) are checked once here, never per call
+        self.register_load_state_dict_post_hook(lambda module, keys: _validate_loaded(module))
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, bank: "MoSPoolBank", ptype: str,
-                     idx_a: torch.Tensor, idx_b: torch.Tensor, scale: float, dropout: float) -> None:
+                     idx_a: torch.Tensor, idx_b: torch.Tensor, scale: float, dropout: float,
+                     deterministic: bool = False) -> None:
         dev = self._base_device()
         self.mos_idx_a[adapter_name] = idx_a.reshape(1, *idx_a.shape[-2:]).to(device=dev, dtype=torch.int32).contiguous()
         self.mos_idx_b[adapter_name] = idx_b.reshape(1, *idx_b.shape[-2:]).to(device=dev, dtype=torch.int32).contiguous()
@@ -89,6 +93,7 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         self.mos_scale[adapter_name] = float(scale)
         self.mos_r[adapter_name] = int(idx_a.shape[-2])
         self._mos_pools[adapter_name] = (bank, ptype)
+        self.mos_deterministic[adapter_name] = bool(deterministic)
         self._scale_t = {}
         self.set_adapter(self.active_adapters)
 
@@ -119,7 +124,10 @@ class MoSLinear(nn.Module, BaseTunerLayer):
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``scale · B A x`` of one adapter for x [..., in], in x's dtype (pools converted on load)."""
         lead = x.shape[:-1]
-        pa, pb = self.pools(adapter_name)
+        bank, t = self._mos_pools[adapter_name]
+        # the pools through the bank's gradient taps: every layer's pool gradient of this forward pass
+        # accumulates into one fp32 buffer per pool (no pool-sized zero tensor per layer)
+        pa, pb = bank.grad_taps.take((id(self), adapter_name), *bank.get(adapter_name, t))
         act = x.dtype
         ok = (act, torch.float32)
         if pa.dtype not in ok or pb.dtype not in ok:  # e.g. fp16 pools under bf16 activations: compute in the pools'
@@ -130,8 +138,15 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         if xs.shape[-1] > 1 and xs.stride(-1) != 1:
             xs = xs.contiguous()
         ip, tn = single_segment(xs.shape[0], xs.device)
-        d = ops.sharded_lora(xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
-                             self._scale_tensor(adapter_name, xs.device), ip, tn)
+        args = (xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
+                self._scale_tensor(adapter_name, xs.device), ip, tn)
+        if self.mos_deterministic.get(adapter_name, False):  # MoSConfig.deterministic: captured for the backward
+            from . import deterministic_grads
+
+            with deterministic_grads(True):
+                d = ops.sharded_lora(*args)
+        else:
+            d = ops.sharded_lora(*args)
         return d.reshape(*lead, self.out_features).to(act)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -202,6 +217,7 @@ class MoSPoolBank(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = "default"
+        self.grad_taps = ops.PoolGradTaps()
 
     def _container(self, name: str, kind):
         if not hasattr(self, name):
@@ -262,3 +278,10 @@ def _bnb_add_(layer: nn.Module, dw: torch.Tensor):
         layer.weight = bnb.nn.Int8Params(new.to("cpu"), requires_grad=False, has_fp16_weights=False).to(w.device)
         layer.state.CB = None  # the next forward takes the new CB/SCB from the weight
         layer.state.SCB = None
+
+
+def _validate_loaded(module: "MoSLinear") -> None:
+    if module._mos_pools:
+        from .validation import validate_mos_tables
+
+        validate_mos_tables(module)

@@ -159,7 +159,8 @@ class MoSModel(BaseTuner):
             new = target
         else:
             new = MoSLinear(target)
-        new.update_layer(adapter_name, self.pool_bank(), t, ia, ib, peft_config.scale, peft_config.lora_dropout)
+        new.update_layer(adapter_name, self.pool_bank(), t, ia, ib, peft_config.scale, peft_config.lora_dropout,
+                         deterministic=peft_config.deterministic)
         if new is not target:
             self._replace_module(parent, target_name, new, target)
         if adapter_name not in self.active_adapters:

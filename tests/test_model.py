@@ -496,3 +496,61 @@ def test_gpt2_conv1d(tmp_path):
     m.save_pretrained(str(tmp_path))
     m2 = peft.PeftModel.from_pretrained(_tiny_gpt2(), str(tmp_path))
     assert torch.equal(m2(IDS).logits, ref)
+
+
+# ------------------------------------------------------------------ training-path wiring (issue 11)
+
+
+def test_config_deterministic_reaches_the_op(monkeypatch):
+    """MoSConfig(deterministic=True) holds the fixed-order pool-gradient reduction on for that
+    adapter's forward (and so its backward), and only for it."""
+    from mos_ext import ops
+
+    seen = []
+    real = ops.sharded_lora
+
+    def spy(*a):
+        seen.append(mos_ext.deterministic_grads_enabled())
+        return real(*a)
+
+    monkeypatch.setattr(ops, "sharded_lora", spy)
+    grads = {}
+    for det in (False, True):
+        m = get_mos_model(tiny_llama(seed=7), mos_cfg(deterministic=det))
+        randomize_pools(m)
+        seen.clear()
+        m(IDS, labels=IDS).loss.backward()
+        assert seen and all(s == det for s in seen), (det, seen)
+        grads[det] = [p.grad.clone() for p in m.base_model.pool_bank().parameters() if p.grad is not None]
+    assert mos_ext.deterministic_grads_enabled() is False  # restored after each call
+    assert len(grads[True]) == len(grads[False]) > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads[True], grads[False]))
+
+
+def test_pool_gradients_go_through_one_tap_per_pool():
+    """In training, each layer reads its pools through the bank's gradient taps: one tap per pool per
+    forward pass (one fp32 accumulator), and the gradients equal those of a pass without taps."""
+    m = get_mos_model(tiny_llama(seed=8), mos_cfg())
+    randomize_pools(m)
+    bank = m.base_model.pool_bank()
+    loss = m(IDS, labels=IDS).loss
+    n_pools = sum(1 for p in bank.parameters() if p.requires_grad)
+    assert len(bank.grad_taps._taps) == n_pools  # 7 types x (A, B), each tapped once for its 3 layers
+    loss.backward()
+    tapped = [p.grad.clone() for p in bank.parameters()]
+    for p in bank.parameters():
+        p.grad = None
+    bank.grad_taps.take = lambda owner, *pools: pools  # no taps: each layer's gradient flows on its own
+    m(IDS, labels=IDS).loss.backward()
+    plain = [p.grad for p in bank.parameters()]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(tapped, plain))
+
+
+def test_loaded_tables_validated_by_any_loader():
+    """A table loaded through plain load_state_dict (as transformers' load_adapter does) is checked once."""
+    m = get_mos_model(tiny_llama(seed=9), mos_cfg())
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    key = next(k for k in sd if k.endswith("mos_idx_a.default"))
+    sd[key].fill_(10**6)
+    with pytest.raises(ValueError, match="mos_idx_a"):
+        m.load_state_dict(sd)
