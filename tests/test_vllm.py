@@ -234,3 +234,77 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def _readme_vllm_blocks():
+    """The fenced code blocks of the README's "Serving with vLLM" section, in order."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    sec = text.split("## Serving with vLLM", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", sec, flags=re.S)
+
+
+def test_readme_serve_command_works_as_written(tmp_path):
+    """The README's serve command, curl calls and openai snippet, run as written (only the port and
+    the paths of this test's base and adapters substituted), against a tiny Llama."""
+    import copy
+    import shlex
+    import time
+
+    blocks = _readme_vllm_blocks()
+    serve = blocks[0][1]
+    start = serve.index("VLLM_CPU_KVCACHE_SPACE")
+    cmd = serve[start:].replace("\\\n", " ")
+    curls, snippet = blocks[1][1], blocks[2][1]
+    cfg = U.llama_config()
+    cfg.initializer_range = 0.1
+    U.save_base(str(tmp_path / "base"), cfg)
+    os.makedirs(tmp_path / "adapters")
+    U.write_mos_adapter(cfg, copy.deepcopy(CONFIGS["alice"]), str(tmp_path / "adapters" / "alice"), seed=40)
+    U.write_mos_adapter(cfg, copy.deepcopy(CONFIGS["carol"]), str(tmp_path / "adapters" / "carol"), seed=41)
+    U.write_peft_lora(cfg, str(tmp_path / "peft_lora_dir"), seed=42, r=8)
+    port = U.free_port()
+    cmd = cmd.replace("venv-vllm/bin/python", shlex.quote(PY)).replace("BASE_DIR", str(tmp_path / "base"))
+    cmd = cmd.strip() + f" --host 127.0.0.1 --port {port}"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(["bash", "-c", "exec env " + cmd], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    try:
+        import urllib.request
+
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, open(tmp_path / "server.log").read()[-3000:]
+            assert time.time() - t0 < 400, "server not ready"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        out = subprocess.run(["bash", "-e", "-c", curls.replace("localhost:8000", f"127.0.0.1:{port}")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        cut = out.stdout.rfind('{"id"')  # curl prints the two responses back to back
+        assert cut >= 0 and "success" in out.stdout[:cut].lower(), out.stdout  # the load call
+        body = json.loads(out.stdout[cut:])  # the completion for the adapter just loaded
+        assert body["model"] == "carol" and body["choices"][0]["text"], out.stdout
+        py = snippet.replace("localhost:8000", f"127.0.0.1:{port}")
+        out = subprocess.run([sys.executable, "-c", py], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=20)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
