@@ -908,7 +908,8 @@ def plot_depth(sw, res, sav_plot, path):
     ax.set_ylabel("savings factor vs LoRA (error bar: seed std)")
     ax.set_title(f"MoS parameter saving vs depth (hidden {sw.recipe['hidden']})", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if sav_plot:
+        ax.legend(fontsize=8)
     styles = {"LoRA": ("o-", "C0", 1.0), "MoS": ("s-", "C3", 1.0), "MiSS": ("^-", "C2", 1.0),
               "MoS l=1": ("v", "C1", 0.93), "MoS p=0": ("D", "C4", 1.07), "MoS tied": ("X", "C5", 1.14)}
     for ax, L in zip(axes[1:], sw.depths):
@@ -925,7 +926,8 @@ def plot_depth(sw, res, sav_plot, path):
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("held-out loss (nats/byte)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.axis("off")
     fig.tight_layout()
