@@ -32,6 +32,15 @@ Everything comes from the Python interpreter this runs under, so nothing is down
     python benchmarks/quality/run.py --quick                  # CPU, reduced size, < ~20 min on 2 cores
     python benchmarks/quality/run.py --full --device cuda     # full size (GPU)
     python benchmarks/quality/run.py --quick --lr-sweep       # the one-off lr sweep (validation split)
+    python benchmarks/quality/run.py --depth-sweep --depths 6,12,24,32 --hidden 64 --threads 1   # resumable
+    python benchmarks/quality/run.py --depth-sweep --depths 6,12,24,32 --hidden 64 --report-only
+
+``--layers/--hidden/--inter/--heads/--seq/--batch/--pretrain-lr/--eval-windows`` change the model of
+a ``--quick``/``--full`` run (its files are then named after the changed sizes). ``--depth-sweep``
+runs the same grid at every depth of ``--depths`` (MoS r up to 8e there; ablations and
+``--deep-seeds`` seeds at the deepest) and writes one JSON per finished run under
+``out/depth/H<hidden>-<recipe hash>/L<depth>/`` (committed), so a rerun resumes; bases are cached
+in ``out/depth/bases/`` (git-ignored). Report: ``results_depth.md`` and ``quality_depth.png``.
 
 Writes ``benchmarks/quality/out/quality_<mode>.json`` (raw per-run results),
 ``benchmarks/quality/results_<mode>.md`` (table, savings, command, machine, wall time) and
