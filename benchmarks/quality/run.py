@@ -707,18 +707,21 @@ def depth_savings(res_L, slug, lora_ranks):
     runs = res_L["runs"]
     lora = [runs[f"lora_r{r}"] for r in lora_ranks if f"lora_r{r}" in runs]
     me = runs.get(slug)
-    if me is None or not me["losses"] or not lora or any(not x["losses"] for x in lora):
+    if me is None or not me["losses"] or not lora:
         return None
-    curve = [(x["params"], statistics.mean(x["losses"].values())) for x in lora]
-    mean_loss = statistics.mean(me["losses"].values())
-    need, how = lora_params_for(mean_loss, curve)
+    # only the seeds every point has: a mean over different seed sets would compare different data
+    seeds = sorted(set(me["losses"]).intersection(*(x["losses"] for x in lora)))
+    if not seeds:
+        return None
+    curve = [(x["params"], statistics.mean(x["losses"][s] for s in seeds)) for x in lora]
+    losses = [me["losses"][s] for s in seeds]
+    need, how = lora_params_for(statistics.mean(losses), curve)
     per_seed = {}
-    for s, loss in sorted(me["losses"].items()):
-        if all(s in x["losses"] for x in lora):
-            n_s, how_s = lora_params_for(loss, [(x["params"], x["losses"][s]) for x in lora])
-            per_seed[s] = (n_s / me["params"], how_s)
-    return dict(params=me["params"], loss=mean_loss, loss_std=_mean_std(list(me["losses"].values()))[1],
-                n=len(me["losses"]), need=need, savings=need / me["params"], how=how, per_seed=per_seed)
+    for s in seeds:
+        n_s, how_s = lora_params_for(me["losses"][s], [(x["params"], x["losses"][s]) for x in lora])
+        per_seed[s] = (n_s / me["params"], how_s)
+    return dict(params=me["params"], loss=statistics.mean(losses), loss_std=_mean_std(losses)[1], n=len(seeds),
+                seeds=seeds, need=need, savings=need / me["params"], how=how, per_seed=per_seed)
 
 
 def _fmt_sav(s, how):
@@ -769,6 +772,11 @@ def write_depth_report(sw, a):
     if not complete:
         md += [f"**PARTIAL: {done} of {total} runs finished** (the sweep was still running or was interrupted when "
                f"this was written; rerun the command below to resume, then `--report-only`).", ""]
+    if not complete:
+        eta = _remaining_hours(sw, res)
+        if eta is not None:
+            md += [f"Remaining: {total - done} runs, about {eta:.1f} h more at the pace measured so far "
+                   f"(fine-tuning seconds per layer per run, pretraining seconds per layer; machine load varies).", ""]
     r = sw.recipe
     walls = [s for L in sw.depths for x in res[L]["runs"].values() for s in x["seconds"]]
     pre = [res[L]["base"]["pretrain_seconds"] for L in sw.depths
@@ -802,7 +810,10 @@ def write_depth_report(sw, a):
                 continue
             s = depth_savings(res[L], run_slug(run), sw.lora_ranks)
             lr_e = res[L]["runs"].get(f"lora_r{run['e']}")
-            lora_e = (f"{statistics.mean(lr_e['losses'].values()):.4f}" if lr_e and lr_e["losses"] else "")
+            lora_e = ""
+            if lr_e and lr_e["losses"]:
+                ss = s["seeds"] if s else list(lr_e["losses"])
+                lora_e = f"{statistics.mean(lr_e['losses'][k] for k in ss):.4f}"
             if s is None:
                 x = res[L]["runs"][run_slug(run)]
                 loss = (f"{_mean_std(list(x['losses'].values()))[0]:.4f}" if x["losses"] else "not run yet")
@@ -815,6 +826,7 @@ def write_depth_report(sw, a):
                       f"{s['loss']:.4f} ± {s['loss_std']:.4f} | {lora_e} | {s['need']:,.0f} | "
                       f"{_fmt_sav(s['savings'], s['how'])} | {_fmt_spread(s['per_seed'])} |")
     md.append("")
+    md += _depth_summary(sw, sav_plot, _ablation_rows(sw, res), complete) + [""]
     # --- full per-depth tables
     md += ["## Every configuration, per depth", "",
            "| L | method | config | params | held-out loss, mean ± std | seeds | savings vs LoRA |",
@@ -849,6 +861,48 @@ def write_depth_report(sw, a):
     print("\n".join(md[:60]), flush=True)
     print(f"wrote {os.path.join(a.report_dir, 'results_depth.md')}"
           f"{' and quality_depth.png' if have_png else ''} ({done}/{total} runs)", flush=True)
+
+
+def _remaining_hours(sw, res):
+    """Hours the unfinished jobs should take at the pace measured so far (both costs scale with L)."""
+    ft = [(L, sec) for L in sw.depths for x in res[L]["runs"].values() for sec in x["seconds"]]
+    if not ft:
+        return None
+    per_layer = sum(sec for _, sec in ft) / sum(L for L, _ in ft)
+    pre = [(L, res[L]["base"]["pretrain_seconds"]) for L in sw.depths
+           if res[L]["base"] and res[L]["base"].get("pretrain_seconds")]
+    pre_per_layer = sum(sec for _, sec in pre) / sum(L for L, _ in pre) if pre else 0.0
+    todo = [L for L, run, seed, _ in sw.jobs if sw.load(L, run, seed) is None]
+    no_base = {L for L in todo if res[L]["base"] is None}
+    return (per_layer * sum(todo) + pre_per_layer * sum(no_base)) / 3600
+
+
+def _depth_summary(sw, sav_plot, abl, complete):
+    """What the numbers say, in sentences generated from them (no judgement is added here)."""
+    out = ["## What the numbers say" + ("" if complete else " (so far: partial)"), ""]
+    if not sav_plot:
+        return out + ["No depth has a complete LoRA curve and MoS run yet."]
+    for e in sorted(sav_plot):
+        pts = sorted(sav_plot[e], key=lambda t: t[0])
+        seq = ", ".join(f"L={L}: {_fmt_sav(s['savings'], s['how'])}" for L, s in pts)
+        line = f"* MoS e={e}: {seq}"
+        if len(pts) >= 2:
+            (L0, s0), (L1, s1) = pts[0], pts[-1]
+            sd = max(_mean_std([v for v, _ in s["per_seed"].values()])[1] for _, s in (pts[0], pts[-1]))
+            line += (f"; from L={L0} to L={L1} the factor changes x{s1['savings'] / s0['savings']:.2f} "
+                     f"({s1['savings'] - s0['savings']:+.2f}; the larger per-seed std of the two ends is {sd:.2f})")
+            mono = all(b[1]["savings"] >= a[1]["savings"] for a, b in zip(pts, pts[1:]))
+            line += "; it rises at every step in depth" if mono else "; it does not rise at every step in depth"
+        out.append(line + ".")
+    best = max((s["savings"], e, L) for e in sav_plot for L, s in sav_plot[e])
+    out.append(f"* Largest factor measured: {best[0]:.2f}x (e={best[1]}, L={best[2]}); the paper reports about 8x "
+               f"at 32 layers of LLaMA2-7B.")
+    if abl:
+        verdicts = [f"{r['label']}: {r['sep']} ({r['diff']:+.4f} nats/byte)" for r in abl if "sep" in r]
+        if verdicts:
+            out.append(f"* Ablations at L={sw.deep}, e={sw.ablate_e}, paired against full MoS: " + "; ".join(verdicts)
+                       + ".")
+    return out
 
 
 def _ablation_rows(sw, res):
