@@ -963,12 +963,15 @@ def plot_depth(sw, res, sav_plot, path):
         ys = [s["savings"] for _, s in pts]
         err = [_mean_std([v for v, _ in s["per_seed"].values()])[1] for _, s in pts]
         ax.errorbar(xs, ys, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=f"MoS e={e}")
+        bounds = [(L, s["savings"]) for L, s in pts if s["how"] != "interp"]
+        if bounds:  # outside LoRA's range: only a bound, drawn hollow
+            ax.plot([b[0] for b in bounds], [b[1] for b in bounds], "o", mfc="white", color=f"C{i}", zorder=3)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sw.depths)
     ax.set_xticklabels([str(L) for L in sw.depths])
     ax.set_xlabel("layers L")
-    ax.set_ylabel("savings factor vs LoRA (error bar: seed std)")
+    ax.set_ylabel("savings factor vs LoRA (bar: seed std; hollow: bound)")
     ax.set_title(f"MoS parameter saving vs depth (hidden {sw.recipe['hidden']})", fontsize=9)
     ax.grid(True, alpha=0.3)
     if sav_plot:
