@@ -942,6 +942,35 @@ def _sav_cell(res_L, slug, lora_ranks):
     return _fmt_sav(s["savings"], s["how"]) if s else ""
 
 
+def _plot_ablations(ax, sw, res):
+    """Each seed's loss of full MoS and its ablations at the deepest depth (lines join one seed's points)."""
+    L = sw.deep
+    runs = res[L]["runs"]
+    full = next(r for r in depth_grid(sw.models[L], sw.es, sw.lora_ranks) if r["label"] == "MoS"
+                and r["e"] == sw.ablate_e)
+    variants = [full] + depth_grid(sw.models[L], sw.es, sw.lora_ranks, ablate_e=sw.ablate_e)
+    names = ["full MoS"] + [v["label"][4:] for v in variants[1:]]
+    ax.set_title(f"L={L}, e={sw.ablate_e}: full MoS vs ablations (one line per seed)", fontsize=9)
+    seeds = sorted({s for v in variants for s in runs[run_slug(v)]["losses"]})
+    if not any(runs[run_slug(v)]["losses"] for v in variants[1:]):
+        ax.text(0.5, 0.5, "ablations not run yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for s in seeds:
+        ys = [runs[run_slug(v)]["losses"].get(s, float("nan")) for v in variants]
+        ax.plot(range(len(variants)), ys, "o-", alpha=0.8, label=f"seed {s}")
+    lora_e = runs.get(f"lora_r{sw.ablate_e}")
+    if lora_e and lora_e["losses"]:
+        ax.axhline(statistics.mean(lora_e["losses"].values()), color="C0", ls="--", lw=0.8,
+                   label=f"LoRA r={sw.ablate_e} (same params), seed mean")
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_depth(sw, res, sav_plot, path):
     try:
         import matplotlib
@@ -951,7 +980,7 @@ def plot_depth(sw, res, sav_plot, path):
     except ImportError:
         print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
         return False
-    n = 1 + len(sw.depths)
+    n = 1 + len(sw.depths) + (1 if sw.ablate_e else 0)
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
@@ -959,13 +988,14 @@ def plot_depth(sw, res, sav_plot, path):
     ax = axes[0]
     for i, e in enumerate(sorted(sav_plot)):
         pts = sorted(sav_plot[e], key=lambda t: t[0])
-        xs = [L for L, _ in pts]
+        dx = 1.0 + 0.025 * (i - (len(sav_plot) - 1) / 2)  # the e's side by side, not on top of each other
+        xs = [L * dx for L, _ in pts]
         ys = [s["savings"] for _, s in pts]
         err = [_mean_std([v for v, _ in s["per_seed"].values()])[1] for _, s in pts]
         ax.errorbar(xs, ys, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=f"MoS e={e}")
         bounds = [(L, s["savings"]) for L, s in pts if s["how"] != "interp"]
         if bounds:  # outside LoRA's range: only a bound, drawn hollow
-            ax.plot([b[0] for b in bounds], [b[1] for b in bounds], "o", mfc="white", color=f"C{i}", zorder=3)
+            ax.plot([b[0] * dx for b in bounds], [b[1] for b in bounds], "o", mfc="white", color=f"C{i}", zorder=3)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sw.depths)
@@ -979,6 +1009,12 @@ def plot_depth(sw, res, sav_plot, path):
     styles = {"LoRA": ("o-", "C0", 1.0), "MoS": ("s-", "C3", 1.0), "MiSS": ("^-", "C2", 1.0),
               "MoS l=1": ("v", "C1", 0.93), "MoS p=0": ("D", "C4", 1.07), "MoS tied": ("X", "C5", 1.14)}
     for ax, L in zip(axes[1:], sw.depths):
+        if not any(x["losses"] for x in res[L]["runs"].values()):
+            ax.set_title(f"L={L}", fontsize=9)
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         for label, (fmt, color, dx) in styles.items():
             pts = sorted(((x["params"], _mean_std(list(x["losses"].values()))) for x in res[L]["runs"].values()
                           if x["run"]["label"] == label and x["losses"]), key=lambda t: t[0])
@@ -994,6 +1030,8 @@ def plot_depth(sw, res, sav_plot, path):
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    if sw.ablate_e:
+        _plot_ablations(axes[1 + len(sw.depths)], sw, res)
     for ax in axes[n:]:
         ax.axis("off")
     fig.tight_layout()
