@@ -977,6 +977,7 @@ def plot_depth(sw, res, sav_plot, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
         return False
@@ -1023,6 +1024,7 @@ def plot_depth(sw, res, sav_plot, path):
             ax.errorbar([p * dx for p, _ in pts], [ms[0] for _, ms in pts], yerr=[ms[1] for _, ms in pts], fmt=fmt,
                         color=color, capsize=2, markersize=5, label=label + (" (offset)" if dx != 1.0 else ""))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
         base = res[L]["base"]
         ax.set_title(f"L={L}" + (f" (base {base['loss_test']:.3f})" if base else ""), fontsize=9)
         ax.set_xlabel("trainable parameters")
