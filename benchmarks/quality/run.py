@@ -32,6 +32,15 @@ Everything comes from the Python interpreter this runs under, so nothing is down
     python benchmarks/quality/run.py --quick                  # CPU, reduced size, < ~20 min on 2 cores
     python benchmarks/quality/run.py --full --device cuda     # full size (GPU)
     python benchmarks/quality/run.py --quick --lr-sweep       # the one-off lr sweep (validation split)
+    python benchmarks/quality/run.py --depth-sweep --depths 6,12,24,32 --hidden 64 --threads 1   # resumable
+    python benchmarks/quality/run.py --depth-sweep --depths 6,12,24,32 --hidden 64 --report-only
+
+``--layers/--hidden/--inter/--heads/--seq/--batch/--pretrain-lr/--eval-windows`` change the model of
+a ``--quick``/``--full`` run (its files are then named after the changed sizes). ``--depth-sweep``
+runs the same grid at every depth of ``--depths`` (MoS r up to 8e there; ablations and
+``--deep-seeds`` seeds at the deepest) and writes one JSON per finished run under
+``out/depth/H<hidden>-<recipe hash>/L<depth>/`` (committed), so a rerun resumes; bases are cached
+in ``out/depth/bases/`` (git-ignored). Report: ``results_depth.md`` and ``quality_depth.png``.
 
 Writes ``benchmarks/quality/out/quality_<mode>.json`` (raw per-run results),
 ``benchmarks/quality/results_<mode>.md`` (table, savings, command, machine, wall time) and
@@ -438,10 +447,606 @@ def machine():
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
 
 
+# ----------------------------------------------------------------------------- depth sweep
+#
+# Does MoS's saving grow with the number of layers (its pools are shared across all of them)?
+# One base per depth (same recipe as --quick, narrower: hidden 64 by default), the same fine-tuning
+# grid at every depth, every finished run written to its own small JSON under
+# ``out/depth/<recipe>/L<depth>/`` (committed: they are the evidence), so an interrupted sweep resumes
+# where it stopped. Pretrained bases go to ``out/depth/bases/`` (git-ignored, rebuilt
+# deterministically from the recipe when missing).
+
+DEPTH_DIR = os.path.join(HERE, "out", "depth")
+DEPTH_VERSION = "depth-v1"
+
+
+def depth_model(a, L):
+    """The model/recipe dict of one depth: --quick's recipe with the sizes given on the command line."""
+    q = MODES["quick"]
+    hidden = a.hidden or 64
+    inter = a.inter or 4 * max(1, round(hidden * q["inter"] / q["hidden"] / 4))  # quick's ratio, multiple of 4
+    return dict(layers=L, hidden=hidden, inter=inter, heads=a.heads or q["heads"], seq=a.seq or q["seq"],
+                batch=a.batch or q["batch"], pretrain_steps=_pick(a.pretrain_steps, q["pretrain_steps"]),
+                pretrain_lr=a.pretrain_lr or q["pretrain_lr"],
+                finetune_steps=_pick(a.finetune_steps, q["finetune_steps"]),
+                eval_windows=a.eval_windows or q["eval_windows"])
+
+
+def _pick(v, default):
+    return default if v is None else v
+
+
+def _hash(obj, n=10):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def depth_mos_rank(e, p, L, cap=8):
+    """The largest r <= cap * e that MOS.md section 2 allows: r - p <= (e - p) L (an e = p config is LoRA)."""
+    return min(cap * e, p + (e - p) * L)
+
+
+def _private(e):
+    return 0 if e == 1 else max(1, e // 2)
+
+
+def depth_grid(m, es, lora_ranks, ablate_e=None):
+    """Main grid of one depth (LoRA ranks, MoS at each e, MiSS at each MoS budget), or with ``ablate_e``
+    only the three ablations of MoS at that e (each changes one thing of the main config, same r)."""
+    L, H, I = m["layers"], m["hidden"], m["inter"]
+    runs = []
+    if ablate_e:
+        e, p = ablate_e, _private(ablate_e)
+        r = depth_mos_rank(e, p, L)
+        runs.append(dict(family="mos", label="MoS l=1", name=f"e={e} r={r} l=1 p={p}", method="mos", r=r, e=e, l=1,
+                         p=p))
+        runs.append(dict(family="mos", label="MoS p=0", name=f"e={e} r={r} l=4 p=0", method="mos", r=r, e=e, l=4, p=0))
+        runs.append(dict(family="mos", label="MoS tied", name=f"e={e} r={r} l=4 p={p} tied", method="mos", r=r, e=e,
+                         l=4, p=p, tie=True))
+        return runs
+    for r in lora_ranks:
+        runs.append(dict(family="lora", label="LoRA", name=f"r={r}", method="lora", r=r))
+    for e in es:
+        p = _private(e)
+        r = depth_mos_rank(e, p, L)
+        runs.append(dict(family="mos", label="MoS", name=f"e={e} r={r} l=4 p={p}", method="mos", r=r, e=e, l=4, p=p))
+    divisors = [d for d in range(1, 65) if H % d == 0 and I % d == 0]
+    for e in es:
+        target = adapter_params(m, "mos", 0, e)
+        r = min(divisors, key=lambda d: abs(math.log(adapter_params(m, "miss", d) / target)))
+        runs.append(dict(family="miss", label="MiSS", name=f"r={r} (~e={e})", method="miss", r=r, e_match=e))
+    return runs
+
+
+def run_slug(run):
+    s = f"{run['method']}_r{run['r']}"
+    if run["method"] == "mos":
+        s += f"_e{run['e']}_l{run['l']}_p{run['p']}" + ("_tied" if run.get("tie") else "")
+    return s
+
+
+class DepthSweep:
+    """The jobs of a depth sweep in the order they run, and where each one's result lives."""
+
+    def __init__(self, a, desc):
+        self.depths = sorted({int(x) for x in a.depths.split(",")})
+        self.deep = self.depths[-1]
+        self.seeds = a.seeds if a.seeds is not None else 2
+        self.deep_seeds = max(self.seeds, a.deep_seeds)
+        self.es = [int(x) for x in a.es.split(",")]
+        self.lora_ranks = [int(x) for x in a.lora_ranks.split(",")]
+        self.ablate_e = a.ablate_e
+        self.domain = a.domain
+        self.desc = desc
+        self.models = {L: depth_model(a, L) for L in self.depths}
+        recipe = {k: v for k, v in self.models[self.deep].items() if k != "layers"}
+        # everything but the depth that decides a number: the directory name says which recipe a JSON belongs to
+        self.recipe = recipe
+        self.recipe_key = _hash([DEPTH_VERSION, recipe, LRS, a.domain, desc["sha256"]], 8)
+        self.root = os.path.join(os.path.abspath(a.depth_out), f"H{recipe['hidden']}-{self.recipe_key}")
+        self.bases = os.path.join(os.path.abspath(a.depth_out), "bases")
+        self.jobs = []  # (L, run, seed, phase)
+        for L in self.depths:  # phase 1: the main grid at every depth, shallow first
+            for seed in range(self.seeds):
+                for run in depth_grid(self.models[L], self.es, self.lora_ranks):
+                    self.jobs.append((L, run, seed, "main"))
+        for seed in range(self.seeds, self.deep_seeds):  # phase 2: extra seeds at the deepest L
+            for run in depth_grid(self.models[self.deep], self.es, self.lora_ranks):
+                self.jobs.append((self.deep, run, seed, "deep seeds"))
+        if self.ablate_e:  # phase 3: ablations at the deepest L, every deep seed
+            for seed in range(self.deep_seeds):
+                for run in depth_grid(self.models[self.deep], self.es, self.lora_ranks, ablate_e=self.ablate_e):
+                    self.jobs.append((self.deep, run, seed, "ablations"))
+
+    def run_key(self, L, run, seed):
+        cfg = {k: run[k] for k in ("method", "r", "e", "l", "p", "tie") if k in run}
+        return _hash([DEPTH_VERSION, self.models[L], cfg, seed, LRS[run["family"]], self.domain, self.desc["sha256"]],
+                     16)
+
+    def path(self, L, run, seed):
+        return os.path.join(self.root, f"L{L}", f"{run_slug(run)}_s{seed}.json")
+
+    def base_info_path(self, L):
+        return os.path.join(self.root, f"L{L}", "base.json")
+
+    def base_key(self, L):
+        return _hash([DEPTH_VERSION, self.models[L], self.desc["sha256"]["pretrain"]], 12)
+
+    def load(self, L, run, seed):
+        """The cached result of a job, or None if it has not run (or ran with other settings)."""
+        p = self.path(L, run, seed)
+        if not os.path.isfile(p):
+            return None
+        with open(p) as f:
+            d = json.load(f)
+        return d if d.get("key") == self.run_key(L, run, seed) else None
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def depth_base(sw, L, data, device, streams):
+    """The pretrained base of depth L (trained once, cached in ``bases/``) and its info (losses, seconds),
+    which is also written next to the runs as ``base.json``."""
+    m = sw.models[L]
+    key = sw.base_key(L)
+    pt = os.path.join(sw.bases, f"base_L{L}_{key}.pt")
+    info_path = sw.base_info_path(L)
+    info = None
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        if info.get("key") != key:
+            info = None
+    model = new_model(m, device)
+    if os.path.isfile(pt):
+        model.load_state_dict(torch.load(pt, map_location=device))
+        print(f"  L={L}: pretrained base loaded from {os.path.relpath(pt, REPO)}", flush=True)
+        seconds = info["pretrain_seconds"] if info else None
+    else:
+        print(f"  L={L}: pretraining the base ({m['pretrain_steps']} steps) -> {os.path.relpath(pt, REPO)}", flush=True)
+        t0 = time.perf_counter()
+        train(model, list(model.parameters()), to_tensor(data["pretrain"]), seed=12345, steps=m["pretrain_steps"],
+              lr=m["pretrain_lr"], m=m, device=device, weight_decay=0.1, log=max(1, m["pretrain_steps"] // 5))
+        seconds = round(time.perf_counter() - t0, 1)
+        os.makedirs(sw.bases, exist_ok=True)
+        torch.save(model.state_dict(), pt + ".tmp")
+        os.replace(pt + ".tmp", pt)
+    test = evaluate(model, streams["test"], device)
+    if info is not None and info["loss_test"] != test:
+        print(f"  WARNING L={L}: the base's held-out loss {test!r} differs from the recorded {info['loss_test']!r} "
+              f"(another thread count or torch build?); the runs already cached used the recorded base", flush=True)
+    if info is None:
+        pre = evaluate(model, eval_windows(to_tensor(data["pretrain"]), m["eval_windows"], m["seq"]), device)
+        info = dict(key=key, layers=L, model=m, loss_test=test, loss_pretrain_domain=pre,
+                    total_params=sum(p.numel() for p in model.parameters()), pretrain_seconds=seconds,
+                    threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M %Z"))
+        _write_json(info_path, info)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return sd, info
+
+
+def depth_sweep(a, device):
+    data, desc = load_corpus(a.domain)
+    sw = DepthSweep(a, desc)
+    total = len(sw.jobs)
+    todo = [j for j in sw.jobs if sw.load(j[0], j[1], j[2]) is None]
+    print(f"depth sweep: depths {sw.depths}, hidden {sw.recipe['hidden']}, inter {sw.recipe['inter']}, "
+          f"{sw.seeds} seeds ({sw.deep_seeds} at L={sw.deep}); results in {os.path.relpath(sw.root, REPO)}; "
+          f"{total - len(todo)}/{total} runs already done, {len(todo)} to go", flush=True)
+    if a.report_only:
+        write_depth_report(sw, a)
+        return
+    streams = {"train": to_tensor(data["train"])}
+    streams["test"] = eval_windows(to_tensor(data["test"]), sw.recipe["eval_windows"], sw.recipe["seq"])
+    t0 = time.perf_counter()
+    base_L, base_sd, trained = None, None, 0
+    for L, run, seed, phase in sw.jobs:
+        if sw.load(L, run, seed) is not None:
+            continue
+        if a.max_runs is not None and trained >= a.max_runs:
+            print(f"stopping after --max-runs {a.max_runs}", flush=True)
+            break
+        if L != base_L:
+            base_sd, info = depth_base(sw, L, data, device, streams)
+            base_L = L
+        m = sw.models[L]
+        lr = LRS[run["family"]]
+        res = finetune(run, seed, lr, base_sd, m, streams, device)
+        trained += 1
+        out = dict(key=sw.run_key(L, run, seed), layers=L, run=run, seed=seed, lr=lr, phase=phase,
+                   params=res["params"], loss=res["loss"], train_loss=res["train_loss"],
+                   seconds=round(res["seconds"], 1), threads=torch.get_num_threads(),
+                   date=time.strftime("%Y-%m-%d %H:%M %Z"))
+        _write_json(sw.path(L, run, seed), out)
+        done = sum(sw.load(*j[:3]) is not None for j in sw.jobs)
+        el = time.perf_counter() - t0
+        print(f"[{done:3d}/{total}] L={L:2d} {phase:10s} {run['label']:8s} {run['name']:22s} seed {seed}: "
+              f"{res['params']:>9,} params  loss {res['loss']:.4f}  ({res['seconds']:.0f}s; this session "
+              f"{trained} runs, {el / 60:.1f} min)", flush=True)
+    print(f"trained {trained} runs this session", flush=True)
+    write_depth_report(sw, a)
+
+
+# ----------------------------------------------------------------------------- depth report
+
+
+def _mean_std(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def depth_results(sw):
+    """{L: {"base": info or None, "runs": {slug: {"run", "params", "losses": {seed: loss}}}}} of what has finished."""
+    out = {}
+    for L in sw.depths:
+        info = None
+        if os.path.isfile(sw.base_info_path(L)):
+            with open(sw.base_info_path(L)) as f:
+                info = json.load(f)
+        runs = {}
+        for JL, run, seed, phase in sw.jobs:
+            if JL != L:
+                continue
+            d = sw.load(L, run, seed)
+            slot = runs.setdefault(run_slug(run), dict(run=run, params=None, losses={}, seconds=[]))
+            if d is not None:
+                slot["params"] = d["params"]
+                slot["losses"][seed] = d["loss"]
+                slot["seconds"].append(d["seconds"])
+        out[L] = dict(base=info, runs=runs)
+    return out
+
+
+def depth_savings(res_L, slug, lora_ranks):
+    """Savings of one run at one depth: from the seed-mean losses, and per seed (each seed's LoRA curve against
+    the same seed's run; only seeds where every LoRA rank and the run finished)."""
+    runs = res_L["runs"]
+    lora = [runs[f"lora_r{r}"] for r in lora_ranks if f"lora_r{r}" in runs]
+    me = runs.get(slug)
+    if me is None or not me["losses"] or not lora:
+        return None
+    # only the seeds every point has: a mean over different seed sets would compare different data
+    seeds = sorted(set(me["losses"]).intersection(*(x["losses"] for x in lora)))
+    if not seeds:
+        return None
+    curve = [(x["params"], statistics.mean(x["losses"][s] for s in seeds)) for x in lora]
+    losses = [me["losses"][s] for s in seeds]
+    need, how = lora_params_for(statistics.mean(losses), curve)
+    per_seed = {}
+    for s in seeds:
+        n_s, how_s = lora_params_for(me["losses"][s], [(x["params"], x["losses"][s]) for x in lora])
+        per_seed[s] = (n_s / me["params"], how_s)
+    return dict(params=me["params"], loss=statistics.mean(losses), loss_std=_mean_std(losses)[1], n=len(seeds),
+                seeds=seeds, need=need, savings=need / me["params"], how=how, per_seed=per_seed)
+
+
+def _fmt_sav(s, how):
+    return {"interp": f"{s:.2f}x", "above": f"< {s:.2f}x", "below": f"> {s:.2f}x"}[how]
+
+
+def _fmt_spread(per_seed):
+    if not per_seed:
+        return ""
+    xs = [v for v, _ in per_seed.values()]
+    bound = any(h != "interp" for _, h in per_seed.values())
+    m, sd = _mean_std(xs)
+    txt = f"{m:.2f} ± {sd:.2f} (n={len(xs)}; {min(xs):.2f}–{max(xs):.2f})"
+    return txt + (" *" if bound else "")
+
+
+def sweep_command(sw, a):
+    """The command line that (re)runs this sweep: every option that decides a number, spelled out."""
+    parts = ["python benchmarks/quality/run.py --depth-sweep", f"--depths {','.join(map(str, sw.depths))}",
+             f"--hidden {sw.recipe['hidden']}"]
+    for opt in ("inter", "heads", "seq", "batch", "pretrain_steps", "finetune_steps", "pretrain_lr", "eval_windows"):
+        if getattr(a, opt) is not None:
+            parts.append(f"--{opt.replace('_', '-')} {getattr(a, opt):g}")
+    parts.append(f"--seeds {sw.seeds} --deep-seeds {sw.deep_seeds}")
+    if sw.es != [1, 2, 4]:
+        parts.append(f"--es {','.join(map(str, sw.es))}")
+    if sw.lora_ranks != [1, 2, 4, 8, 16, 32]:
+        parts.append(f"--lora-ranks {','.join(map(str, sw.lora_ranks))}")
+    if sw.ablate_e != 2:
+        parts.append(f"--ablate-e {sw.ablate_e}")
+    if sw.domain != "tests":
+        parts.append(f"--domain {sw.domain}")
+    if os.path.abspath(a.depth_out) != DEPTH_DIR:
+        parts.append(f"--depth-out {a.depth_out}")
+    if os.path.abspath(a.report_dir) != HERE:
+        parts.append(f"--report-dir {a.report_dir}")
+    parts.append(f"--threads {a.threads}")
+    return " ".join(parts)
+
+
+def write_depth_report(sw, a):
+    res = depth_results(sw)
+    done = sum(sw.load(*j[:3]) is not None for j in sw.jobs)
+    total = len(sw.jobs)
+    complete = done == total
+    main_runs = {L: depth_grid(sw.models[L], sw.es, sw.lora_ranks) for L in sw.depths}
+    md = ["# Depth sweep: does MoS's parameter saving grow with the number of layers?", ""]
+    if not complete:
+        md += [f"**PARTIAL: {done} of {total} runs finished** (the sweep was still running or was interrupted when "
+               f"this was written; rerun the command below to resume, then `--report-only`).", ""]
+    if not complete:
+        eta = _remaining_hours(sw, res)
+        if eta is not None:
+            md += [f"Remaining: {total - done} runs, about {eta:.1f} h more at the pace measured so far "
+                   f"(fine-tuning seconds per layer per run, pretraining seconds per layer; machine load varies).", ""]
+    r = sw.recipe
+    walls = [s for L in sw.depths for x in res[L]["runs"].values() for s in x["seconds"]]
+    pre = [res[L]["base"]["pretrain_seconds"] for L in sw.depths
+           if res[L]["base"] and res[L]["base"].get("pretrain_seconds")]
+    cmd = sweep_command(sw, a)
+    md += ["Generated by `benchmarks/quality/run.py --depth-sweep`; method and reading in `README.md`.", "",
+           f"- written: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
+           f"- command: `{cmd}` (resumes: finished runs are read from "
+           f"`{os.path.relpath(sw.root, REPO)}/L*/*.json`); report only: the same with `--report-only`",
+           f"- compute so far: {sum(walls) / 3600:.2f} h of fine-tuning ({len(walls)} runs) + "
+           f"{sum(pre) / 3600:.2f} h of pretraining, at the thread count of the command",
+           f"- model per depth: byte-level Llama, hidden {r['hidden']}, intermediate {r['inter']}, {r['heads']} heads, "
+           f"pretrained {r['pretrain_steps']} steps x {r['batch']} x {r['seq']} bytes (lr {r['pretrain_lr']}); "
+           f"fine-tuned {r['finetune_steps']} steps on domain `{sw.domain}`, lr {LRS}, lora_alpha = 2r, all 7 "
+           f"projections; held-out = {r['eval_windows']} windows of {r['seq']} bytes",
+           f"- seeds {sw.seeds} at every depth, {sw.deep_seeds} at L={sw.deep}; ablations (e={sw.ablate_e}) at "
+           f"L={sw.deep}", ""]
+    # --- savings table
+    md += ["## Savings factor of MoS against LoRA, per depth", "",
+           "savings = (LoRA parameters needed to reach MoS's seed-mean held-out loss, interpolated on LoRA's "
+           "loss-vs-log(params) curve) / (MoS parameters = LoRA rank e parameters). Per seed: the same with each "
+           "seed's own LoRA curve; mean ± std over seeds (n; min–max). `<`/`>`/`*`: outside LoRA's range, a bound.", "",
+           "| L | base loss | e | MoS config | params | MoS loss, mean ± std | LoRA r=e loss | LoRA params needed | "
+           "savings (mean loss) | savings per seed |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    sav_plot = {}
+    for L in sw.depths:
+        base = res[L]["base"]
+        for run in main_runs[L]:
+            if run["label"] != "MoS":
+                continue
+            s = depth_savings(res[L], run_slug(run), sw.lora_ranks)
+            lr_e = res[L]["runs"].get(f"lora_r{run['e']}")
+            lora_e = ""
+            if lr_e and lr_e["losses"]:
+                ss = s["seeds"] if s else list(lr_e["losses"])
+                lora_e = f"{statistics.mean(lr_e['losses'][k] for k in ss):.4f}"
+            if s is None:
+                x = res[L]["runs"][run_slug(run)]
+                loss = (f"{_mean_std(list(x['losses'].values()))[0]:.4f}" if x["losses"] else "not run yet")
+                md.append(f"| {L} | {base['loss_test']:.4f} | {run['e']} | {run['name']} | | {loss} | {lora_e} | | "
+                          f"(LoRA curve incomplete) | |" if base else
+                          f"| {L} | | {run['e']} | {run['name']} | | {loss} | {lora_e} | | | |")
+                continue
+            sav_plot.setdefault(run["e"], []).append((L, s))
+            md.append(f"| {L} | {base['loss_test']:.4f} | {run['e']} | {run['name']} | {s['params']:,} | "
+                      f"{s['loss']:.4f} ± {s['loss_std']:.4f} | {lora_e} | {s['need']:,.0f} | "
+                      f"{_fmt_sav(s['savings'], s['how'])} | {_fmt_spread(s['per_seed'])} |")
+    md.append("")
+    md += _depth_summary(sw, sav_plot, _ablation_rows(sw, res), complete) + [""]
+    # --- full per-depth tables
+    md += ["## Every configuration, per depth", "",
+           "| L | method | config | params | held-out loss, mean ± std | seeds | savings vs LoRA |",
+           "|---:|---|---|---:|---:|---:|---:|"]
+    for L in sw.depths:
+        for slug, x in res[L]["runs"].items():
+            if not x["losses"]:
+                continue
+            m, sd = _mean_std(list(x["losses"].values()))
+            sv = "" if x["run"]["label"] == "LoRA" else depth_savings(res[L], slug, sw.lora_ranks)
+            md.append(f"| {L} | {x['run']['label']} | {x['run']['name']} | {x['params']:,} | {m:.4f} ± {sd:.4f} | "
+                      f"{len(x['losses'])} | {_fmt_sav(sv['savings'], sv['how']) if sv else ''} |")
+    md.append("")
+    # --- ablations
+    md += [f"## Ablations at L={sw.deep} (e={sw.ablate_e}): do they separate from full MoS?", ""]
+    abl = _ablation_rows(sw, res)
+    if abl:
+        md += ["Paired by seed (same batches, same init seed): difference = ablation loss − full MoS loss; "
+               "'separates' = every seed's difference has the same sign and |mean| > 2 standard errors.", "",
+               "| variant | config | loss, mean ± std | paired diff vs full MoS, mean ± std (n) | per seed | "
+               "separates? | savings |", "|---|---|---:|---:|---|---|---:|"]
+        md += [row["md"] for row in abl]
+    else:
+        md.append("No ablation has finished yet.")
+    md.append("")
+    have_png = plot_depth(sw, res, sav_plot, os.path.join(a.report_dir, "quality_depth.png"))
+    if have_png:
+        md += ["![savings vs depth; loss vs parameters per depth](quality_depth.png)", ""]
+    os.makedirs(a.report_dir, exist_ok=True)
+    with open(os.path.join(a.report_dir, "results_depth.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md[:60]), flush=True)
+    print(f"wrote {os.path.join(a.report_dir, 'results_depth.md')}"
+          f"{' and quality_depth.png' if have_png else ''} ({done}/{total} runs)", flush=True)
+
+
+def _remaining_hours(sw, res):
+    """Hours the unfinished jobs should take at the pace measured so far (both costs scale with L)."""
+    ft = [(L, sec) for L in sw.depths for x in res[L]["runs"].values() for sec in x["seconds"]]
+    if not ft:
+        return None
+    per_layer = sum(sec for _, sec in ft) / sum(L for L, _ in ft)
+    pre = [(L, res[L]["base"]["pretrain_seconds"]) for L in sw.depths
+           if res[L]["base"] and res[L]["base"].get("pretrain_seconds")]
+    pre_per_layer = sum(sec for _, sec in pre) / sum(L for L, _ in pre) if pre else 0.0
+    todo = [L for L, run, seed, _ in sw.jobs if sw.load(L, run, seed) is None]
+    no_base = {L for L in todo if res[L]["base"] is None}
+    return (per_layer * sum(todo) + pre_per_layer * sum(no_base)) / 3600
+
+
+def _depth_summary(sw, sav_plot, abl, complete):
+    """What the numbers say, in sentences generated from them (no judgement is added here)."""
+    out = ["## What the numbers say" + ("" if complete else " (so far: partial)"), ""]
+    if not sav_plot:
+        return out + ["No depth has a complete LoRA curve and MoS run yet."]
+    for e in sorted(sav_plot):
+        pts = sorted(sav_plot[e], key=lambda t: t[0])
+        seq = ", ".join(f"L={L}: {_fmt_sav(s['savings'], s['how'])}" for L, s in pts)
+        line = f"* MoS e={e}: {seq}"
+        if len(pts) >= 2:
+            (L0, s0), (L1, s1) = pts[0], pts[-1]
+            sd = max(_mean_std([v for v, _ in s["per_seed"].values()])[1] for _, s in (pts[0], pts[-1]))
+            line += (f"; from L={L0} to L={L1} the factor changes x{s1['savings'] / s0['savings']:.2f} "
+                     f"({s1['savings'] - s0['savings']:+.2f}; the larger per-seed std of the two ends is {sd:.2f})")
+            mono = all(b[1]["savings"] >= a[1]["savings"] for a, b in zip(pts, pts[1:]))
+            line += "; it rises at every step in depth" if mono else "; it does not rise at every step in depth"
+        out.append(line + ".")
+    best = max((s["savings"], e, L) for e in sav_plot for L, s in sav_plot[e])
+    out.append(f"* Largest factor measured: {best[0]:.2f}x (e={best[1]}, L={best[2]}); the paper reports about 8x "
+               f"at 32 layers of LLaMA2-7B.")
+    if abl:
+        verdicts = [f"{r['label']}: {r['sep']} ({r['diff']:+.4f} nats/byte)" for r in abl if "sep" in r]
+        if verdicts:
+            out.append(f"* Ablations at L={sw.deep}, e={sw.ablate_e}, paired against full MoS: " + "; ".join(verdicts)
+                       + ".")
+    return out
+
+
+def _ablation_rows(sw, res):
+    if not sw.ablate_e:
+        return []
+    L = sw.deep
+    runs = res[L]["runs"]
+    full = next((r for r in depth_grid(sw.models[L], sw.es, sw.lora_ranks) if r["label"] == "MoS"
+                 and r["e"] == sw.ablate_e), None)
+    if full is None or not runs[run_slug(full)]["losses"]:
+        return []
+    fl = runs[run_slug(full)]["losses"]
+    rows = [dict(md=f"| full MoS | {full['name']} | {_mean_std(list(fl.values()))[0]:.4f} ± "
+                    f"{_mean_std(list(fl.values()))[1]:.4f} | | | | "
+                    f"{_sav_cell(res[L], run_slug(full), sw.lora_ranks)} |")]
+    for run in depth_grid(sw.models[L], sw.es, sw.lora_ranks, ablate_e=sw.ablate_e):
+        x = runs[run_slug(run)]
+        if not x["losses"]:
+            continue
+        diffs = [x["losses"][s] - fl[s] for s in sorted(x["losses"]) if s in fl]
+        m, sd = _mean_std(diffs)
+        sep = "n/a (n<2)"
+        if len(diffs) >= 2:
+            same = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+            sep = ("yes, " + ("worse" if m > 0 else "better")) if same and abs(m) > 2 * sd / math.sqrt(len(diffs)) \
+                else "no"
+        lm, ls = _mean_std(list(x["losses"].values()))
+        rows.append(dict(label=run["label"], diff=m, sep=sep,
+                         md=f"| {run['label']} | {run['name']} | {lm:.4f} ± {ls:.4f} | {m:+.4f} ± {sd:.4f} "
+                            f"({len(diffs)}) | {', '.join(f'{d:+.4f}' for d in diffs)} | {sep} | "
+                            f"{_sav_cell(res[L], run_slug(run), sw.lora_ranks)} |"))
+    return rows
+
+
+def _sav_cell(res_L, slug, lora_ranks):
+    s = depth_savings(res_L, slug, lora_ranks)
+    return _fmt_sav(s["savings"], s["how"]) if s else ""
+
+
+def _plot_ablations(ax, sw, res):
+    """Each seed's loss of full MoS and its ablations at the deepest depth (lines join one seed's points)."""
+    L = sw.deep
+    runs = res[L]["runs"]
+    full = next(r for r in depth_grid(sw.models[L], sw.es, sw.lora_ranks) if r["label"] == "MoS"
+                and r["e"] == sw.ablate_e)
+    variants = [full] + depth_grid(sw.models[L], sw.es, sw.lora_ranks, ablate_e=sw.ablate_e)
+    names = ["full MoS"] + [v["label"][4:] for v in variants[1:]]
+    ax.set_title(f"L={L}, e={sw.ablate_e}: full MoS vs ablations (one line per seed)", fontsize=9)
+    seeds = sorted({s for v in variants for s in runs[run_slug(v)]["losses"]})
+    if not any(runs[run_slug(v)]["losses"] for v in variants[1:]):
+        ax.text(0.5, 0.5, "ablations not run yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for s in seeds:
+        ys = [runs[run_slug(v)]["losses"].get(s, float("nan")) for v in variants]
+        ax.plot(range(len(variants)), ys, "o-", alpha=0.8, label=f"seed {s}")
+    lora_e = runs.get(f"lora_r{sw.ablate_e}")
+    if lora_e and lora_e["losses"]:
+        ax.axhline(statistics.mean(lora_e["losses"].values()), color="C0", ls="--", lw=0.8,
+                   label=f"LoRA r={sw.ablate_e} (same params), seed mean")
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_depth(sw, res, sav_plot, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
+        return False
+    n = 1 + len(sw.depths) + (1 if sw.ablate_e else 0)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    axes = [ax for row in axes for ax in row]
+    ax = axes[0]
+    for i, e in enumerate(sorted(sav_plot)):
+        pts = sorted(sav_plot[e], key=lambda t: t[0])
+        dx = 1.0 + 0.025 * (i - (len(sav_plot) - 1) / 2)  # the e's side by side, not on top of each other
+        xs = [L * dx for L, _ in pts]
+        ys = [s["savings"] for _, s in pts]
+        err = [_mean_std([v for v, _ in s["per_seed"].values()])[1] for _, s in pts]
+        ax.errorbar(xs, ys, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=f"MoS e={e}")
+        bounds = [(L, s["savings"]) for L, s in pts if s["how"] != "interp"]
+        if bounds:  # outside LoRA's range: only a bound, drawn hollow
+            ax.plot([b[0] * dx for b in bounds], [b[1] for b in bounds], "o", mfc="white", color=f"C{i}", zorder=3)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sw.depths)
+    ax.set_xticklabels([str(L) for L in sw.depths])
+    ax.set_xlabel("layers L")
+    ax.set_ylabel("savings factor vs LoRA (bar: seed std; hollow: bound)")
+    ax.set_title(f"MoS parameter saving vs depth (hidden {sw.recipe['hidden']})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if sav_plot:
+        ax.legend(fontsize=8)
+    styles = {"LoRA": ("o-", "C0", 1.0), "MoS": ("s-", "C3", 1.0), "MiSS": ("^-", "C2", 1.0),
+              "MoS l=1": ("v", "C1", 0.93), "MoS p=0": ("D", "C4", 1.07), "MoS tied": ("X", "C5", 1.14)}
+    for ax, L in zip(axes[1:], sw.depths):
+        if not any(x["losses"] for x in res[L]["runs"].values()):
+            ax.set_title(f"L={L}", fontsize=9)
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for label, (fmt, color, dx) in styles.items():
+            pts = sorted(((x["params"], _mean_std(list(x["losses"].values()))) for x in res[L]["runs"].values()
+                          if x["run"]["label"] == label and x["losses"]), key=lambda t: t[0])
+            if not pts:
+                continue
+            ax.errorbar([p * dx for p, _ in pts], [ms[0] for _, ms in pts], yerr=[ms[1] for _, ms in pts], fmt=fmt,
+                        color=color, capsize=2, markersize=5, label=label + (" (offset)" if dx != 1.0 else ""))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
+        base = res[L]["base"]
+        ax.set_title(f"L={L}" + (f" (base {base['loss_test']:.3f})" if base else ""), fontsize=9)
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if sw.ablate_e:
+        _plot_ablations(axes[1 + len(sw.depths)], sw, res)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="reduced size for the CPU (default)")
@@ -460,7 +1065,34 @@ def main():
     ap.add_argument("--ablate-e", type=int, default=2, help="budget e of the MoS ablations (0: none)")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
-    a = ap.parse_args()
+    sz = ap.add_argument_group("model size (override the mode's; with --depth-sweep: per depth, default hidden 64)")
+    sz.add_argument("--layers", type=int, default=None)
+    sz.add_argument("--hidden", type=int, default=None)
+    sz.add_argument("--inter", type=int, default=None, help="intermediate size (default: hidden x 2.75, multiple of 4)")
+    sz.add_argument("--heads", type=int, default=None)
+    sz.add_argument("--seq", type=int, default=None)
+    sz.add_argument("--batch", type=int, default=None)
+    sz.add_argument("--pretrain-lr", type=float, default=None)
+    sz.add_argument("--eval-windows", type=int, default=None)
+    dp = ap.add_argument_group("depth sweep")
+    dp.add_argument("--depth-sweep", action="store_true", help="sweep the number of layers (resumable; see README)")
+    dp.add_argument("--depths", default="6,12,24,32")
+    dp.add_argument("--deep-seeds", type=int, default=3, help="seeds at the deepest depth (default 3)")
+    dp.add_argument("--es", default="1,2,4", help="MoS equivalent ranks")
+    dp.add_argument("--lora-ranks", default="1,2,4,8,16,32")
+    dp.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
+    dp.add_argument("--max-runs", type=int, default=None, help="stop after training this many runs")
+    dp.add_argument("--depth-out", default=DEPTH_DIR, help="where run JSONs (and bases/) go")
+    dp.add_argument("--report-dir", default=HERE, help="where results_depth.md and quality_depth.png go")
+    a = ap.parse_args(argv)
+    if a.depth_sweep or a.report_only:
+        if a.quick or a.full or a.lr_sweep or a.replot:
+            ap.error("--depth-sweep does not combine with --quick/--full/--lr-sweep/--replot")
+        if a.layers is not None:
+            ap.error("--depth-sweep takes --depths, not --layers")
+        torch.set_num_threads(a.threads)
+        depth_sweep(a, torch.device(a.device))
+        return
     if a.replot:
         with open(a.replot) as f:
             data = json.load(f)
@@ -472,6 +1104,12 @@ def main():
         m["pretrain_steps"] = a.pretrain_steps
     if a.finetune_steps is not None:
         m["finetune_steps"] = a.finetune_steps
+    sizes = dict(layers=a.layers, hidden=a.hidden, inter=a.inter, heads=a.heads, seq=a.seq, batch=a.batch,
+                 pretrain_lr=a.pretrain_lr, eval_windows=a.eval_windows)
+    sizes = {k: v for k, v in sizes.items() if v is not None and v != m[k]}
+    if sizes:  # another model than the mode's: its own base and its own output files
+        m.update(sizes)
+        mode = mode + "".join(f"_{k}{v:g}" for k, v in sizes.items())
     seeds = list(range(a.seeds if a.seeds is not None else m["seeds"]))
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
