@@ -68,7 +68,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
         if isinstance(meta, dict) and str(meta.get("peft_type") or "").upper() == "MOS":
-            read_adapter(path, dims=_layer_dims(model))  # validate against this model first: model untouched
+            # PEFT's loader validates the whole directory (MoSConfig.from_pretrained -> read_adapter) and
+            # MoSModel refuses other layer sizes before creating anything: the model stays untouched
             return peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
                                                   **kwargs)
     spec = read_adapter(path, dims=_layer_dims(model))
