@@ -79,18 +79,6 @@ struct IsF32<float> {
   static constexpr bool value = true;
 };
 
-__device__ __forceinline__ void split_store(const float* f, __nv_bfloat16* hi, __nv_bfloat16* lo, bool want_lo) {
-  float h[8], l[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(f[e]);
-    h[e] = __bfloat162float(b);
-    l[e] = f[e] - h[e];
-  }
-  *reinterpret_cast<uint4*>(hi) = pack8<__nv_bfloat16>(h);  // exact: h holds bf16 values
-  if (want_lo) *reinterpret_cast<uint4*>(lo) = pack8<__nv_bfloat16>(l);
-}
-
 // One 8-column group of a gathered table row: pool[idx[t, j, col / s], col % s .. +8],
 // zeros when j >= r, col >= width or the entry is padded / invalid.
 template <typename PT>
@@ -175,7 +163,7 @@ __global__ void __launch_bounds__(kPfThreads)
 #pragma unroll
     for (int g = 0; g < kAG; ++g) {
       const int e = tid + g * kPfThreads, j = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      split_store(ar[g], &sm.u.s.a_hi[j * kPfLdK + cc], &sm.u.s.a_lo[j * kPfLdK + cc], kLoA);
+      split_bf16x8(ar[g], &sm.u.s.a_hi[j * kPfLdK + cc], &sm.u.s.a_lo[j * kPfLdK + cc], kLoA);
     }
   };
 
@@ -221,7 +209,7 @@ __global__ void __launch_bounds__(kPfThreads)
 #pragma unroll
     for (int q = 0; q < 8; ++q)
       f[q] = (jc + q < r16 * 16 && sm.row_ok[jc + q]) ? sc * sm.u.f[row * kPfLdF + jc + q] : 0.f;
-    split_store(f, &sm.v_hi[row * kPfLdR + jc], &sm.v_lo[row * kPfLdR + jc], true);
+    split_bf16x8(f, &sm.v_hi[row * kPfLdR + jc], &sm.v_lo[row * kPfLdR + jc], true);
   }
 
   // ---- expand: y += v B ---------------------------------------------------------
@@ -240,7 +228,7 @@ __global__ void __launch_bounds__(kPfThreads)
 #pragma unroll
     for (int g = 0; g < kBG; ++g) {
       const int e = tid + g * kPfThreads, j = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
-      if (j < r16 * 16) split_store(br[g], &sm.u.e.b_hi[j * kPfLdN + cc], &sm.u.e.b_lo[j * kPfLdN + cc], kLoB);
+      if (j < r16 * 16) split_bf16x8(br[g], &sm.u.e.b_hi[j * kPfLdN + cc], &sm.u.e.b_lo[j * kPfLdN + cc], kLoB);
     }
     __syncthreads();
     if (c0 + kPfN < o) load_b(c0 + kPfN);  // next tile in flight during the MMAs

@@ -6,7 +6,14 @@
 //  * load8<T>: 8 consecutive elements of T (bf16 / fp16: one 16-byte load;
 //    fp32: two) converted to float;
 //  * pack8 / unpack8: 8 bf16 / fp16 values <-> uint4, rounding once (RNE);
-//  * warp_sum: butterfly reduction over the 32 lanes (every lane gets the sum).
+//  * warp_sum: butterfly reduction over the 32 lanes (every lane gets the sum);
+//  * split_bf16x8: 8 floats -> bf16 hi = bf16(f) and lo = bf16(f - hi) (the
+//    tensor-core kernels' operand split; exact for fp16 and bf16 inputs);
+//  * cp_async16 / cp_async_commit / cp_async_wait<N>: 16-byte asynchronous
+//    global -> shared copies (sm_80+ cp.async.cg; zero-fill when !valid), in
+//    commit groups; wait<N> returns when at most N of this thread's groups are
+//    still in flight. The emulator defers each copy until the wait that
+//    covers it, so a missing wait reads stale shared memory there as well.
 #pragma once
 
 #include "common.cuh"
@@ -87,6 +94,41 @@ __device__ __forceinline__ void load8<float>(const float* p, float* f) {
   f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
   f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
 }
+
+// hi = bf16(f) (RNE), lo = bf16(f - hi): |f - hi - lo| <= 2^-8 |f - hi| <= 2^-16 |f|
+// for normal values; exact (f == hi + lo) when f is an fp16 or bf16 value (at
+// most 11 significant bits, and bf16 has fp32's exponent range). `lo` is not
+// written when want_lo is false. hi / lo: 16-byte aligned.
+__device__ __forceinline__ void split_bf16x8(const float* f, __nv_bfloat16* hi, __nv_bfloat16* lo, bool want_lo) {
+  float h[8], l[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(f[e]);
+    h[e] = __bfloat162float(b);
+    l[e] = f[e] - h[e];
+  }
+  st16(hi, pack8<__nv_bfloat16>(h));  // exact: h holds bf16 values
+  if (want_lo) st16(lo, pack8<__nv_bfloat16>(l));
+}
+
+#ifdef MOS_CUDA_EMU
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  MOS_ASSERT_ALIGNED16(smem);
+  if (valid) MOS_ASSERT_ALIGNED16(gmem);
+  emu::cp_async(smem, gmem, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { emu::cp_async_wait(N); }
+#else
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -54,6 +54,12 @@ cudaError_t launch(dim3 grid, int block, size_t smem, cudaStream_t, K kernel, A.
   return run_grid(grid, block, smem, [&]() { kernel(args...); });
 }
 inline unsigned char* dyn_smem() { return dyn; }
+// cp.async: per thread, copies are queued in commit groups and performed by the
+// wait that retires their group (or never: a block that ends with copies in
+// flight fails the launch). Copies are 16 bytes; !valid zero-fills.
+void cp_async(void* smem, const void* gmem, bool valid);
+void cp_async_commit();
+void cp_async_wait(int n_in_flight);
 template <class T>
 inline T shfl(T v, int src) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");

@@ -51,6 +51,15 @@ struct Fiber {
   bool done = false;
   bool waiting = false;
   int xphase = 0;  // this thread's exchange count mod 2 (the warp's buffer it uses next)
+  // cp.async: copies not yet performed, tagged with their commit group
+  struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+    int group;
+  };
+  std::vector<Copy> copies;
+  int group = 0;  // the open (uncommitted) group's number
 };
 std::vector<Fiber> fibers;
 Fiber* cur = nullptr;
@@ -96,6 +105,8 @@ void init_fiber(Fiber& f) {
   f.done = false;
   f.waiting = false;
   f.xphase = 0;
+  f.copies.clear();
+  f.group = 0;
 }
 
 // Runs one block; false on deadlock.
@@ -121,6 +132,11 @@ bool run_block() {
     }
     if (live > 0 && all_wait && epoch == e0) return false;
   }
+  for (int t = 0; t < nthreads; ++t)
+    if (!fibers[t].copies.empty()) {
+      fault("cp.async copies still in flight when the block ended (no cp_async_wait covers them)", __FILE__, __LINE__);
+      break;
+    }
   return true;
 }
 }  // namespace
@@ -166,6 +182,23 @@ uint64_t exchange(uint64_t v, int src) {
 
 void fault(const char* what, const char* file, int line) {
   if (fault_msg.empty()) fault_msg = std::string(what) + " at " + file + ":" + std::to_string(line);
+}
+
+void cp_async(void* smem, const void* gmem, bool valid) { cur->copies.push_back({smem, gmem, valid, cur->group}); }
+void cp_async_commit() { ++cur->group; }
+void cp_async_wait(int n_in_flight) {
+  // Groups < group - n are complete; uncommitted copies are never waited for.
+  const int done_below = cur->group - n_in_flight;
+  std::vector<Fiber::Copy> keep;
+  for (const auto& c : cur->copies) {
+    if (c.group < done_below) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  cur->copies.swap(keep);
 }
 
 float atomic_add(float* p, float v) { float o = *p; *p = o + v; return o; }
