@@ -367,10 +367,13 @@ def set_cuda_path(mode: str) -> str:
 
     * decode / split halves (fp16, bf16): fp32 FMA accumulation like the generic
       kernels, one rounding of ``y``;
-    * fused ``sgmv`` prefill (bf16, rank <= 64, on average >= 32 tokens per segment):
-      tensor cores; ``v`` and fp32 pool values are carried as bf16 hi + lo, so before
-      ``y``'s one bf16 rounding the error is at most about ``3 * 2**-16`` times the sum
-      of the absolute products (bf16 pools and ``x`` enter exactly);
+    * fused ``sgmv`` prefill (fp16 / bf16, rank <= 64, on average >= 32 tokens per
+      segment): bf16 tensor cores, fp32 accumulation, gathered shards double-buffered
+      through shared memory with ``cp.async``. Operands that are not bf16 are split into
+      bf16 hi + lo (fp16 exactly, fp32 to ~16 bits), and so is ``v``; before ``y``'s one
+      rounding the error is at most ``(3 + e) * 2**-16`` times the sum of the absolute
+      products, ``e`` = 0 for bf16 ``x`` with bf16 ``pool_a``, 1 for bf16 ``x`` with fp32
+      ``pool_a`` or fp16 with fp16, 2 for fp16 ``x`` with fp32 ``pool_a``;
     * ``shard_grad`` (bf16): tensor cores with ``u`` split into bf16 hi + lo: at most
       ``2**-16`` relative per product, fp32 sums; ``deterministic=False`` adds with
       vector atomics (which flush fp32 denormals to zero), ``deterministic=True`` in two

@@ -556,10 +556,14 @@ def test_fast_and_generic_paths(cuda_path, path, dtype, pools, N, S, T):
     assert_close(y, y_ref, f"expand {path}")
 
 
-def test_fast_path_cuda_graph_many_segments(cuda_path):
-    """> 256 segments: the fast path's segment pre-pass and its workspace are captured too."""
+@pytest.mark.parametrize("N,S,T,dtype,pools", [(1200, 900, 30, torch.bfloat16, None),
+                                               (2048, 4, 3, torch.float16, torch.float32)])
+def test_fast_path_cuda_graph_many_segments(cuda_path, N, S, T, dtype, pools):
+    """> 256 segments: the fast path's segment pre-pass and its workspace are captured too;
+    long segments: the tensor-core prefill kernel (its > 48 KiB shared-memory opt-in is
+    a host call made while capturing)."""
     cuda_path("fast")
-    c = _contiguous_case(1200, 900, 30, torch.bfloat16, seed=3)
+    c = _contiguous_case(N, S, T, dtype, pool_a_dtype=pools, pool_b_dtype=pools, seed=3)
     d = c.to(DEV)
     y0 = d.y.clone()
     with mos_ext.index_checks(False):

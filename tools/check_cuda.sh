@@ -6,7 +6,8 @@
 #     and the CUDA include dir (the launcher is host C++).
 #   * a SASS gate on the sm_90a objects (cuobjdump -sass): every fast-path
 #     kernel (table SASS_RULES below) must show its required instructions
-#     (LDG.E.128: 16-byte loads; HMMA for tensor-core kernels) and no local
+#     (LDG.E.128: 16-byte loads; HMMA for tensor-core kernels; LDGSTS.128 +
+#     DEPBAR: 16-byte cp.async stages) and no local
 #     memory (LDL/STL: spills or run-time-indexed arrays) and no CALL (the
 #     64-bit integer divide and other slow-path routines are calls).
 #     cuobjdump comes from $CUDA_HOME/bin, the PATH, or the pip package
@@ -128,7 +129,7 @@ done
 # kernel-name regex | required mnemonics (space-separated regexes) | forbidden
 SASS_RULES='
 sgmv_fast_kernel|LDG\.E\.128|LDL STL CALL
-sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDG\.E\.128|LDL STL CALL
+sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDGSTS\.E\.BYPASS\.128 LDGDEPBAR DEPBAR LDG\.E\.128|LDL STL CALL
 shard_grad_tc_kernelILb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
 shard_grad_tc_kernelILb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
 fast_items_kernel||LDL STL CALL
@@ -200,7 +201,8 @@ for rx, req, forb in rules:
             print(f"FAIL  SASS {f[:90]}: missing {miss} forbidden {found}"); bad = 1
         else:
             nh = sum(1 for i in ins if i.startswith('HMMA'))
-            print(f"ok    SASS {f[:90]} ({len(ins)} instr, {n128} LDG.E.128, {nh} HMMA)")
+            na = sum(1 for i in ins if i.startswith('LDGSTS'))
+            print(f"ok    SASS {f[:90]} ({len(ins)} instr, {n128} LDG.E.128, {na} LDGSTS, {nh} HMMA)")
 sys.exit(bad)
 PY
     then

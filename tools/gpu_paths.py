@@ -5,8 +5,8 @@
 
 Covers: gather_shards; sgmv / sgmv_shrink / sgmv_expand on the fast and the generic
 path (MOS_EXT_CUDA_PATH) for fp32/fp64/fp16/bf16 activations, pools in the activation
-dtype and fp32, mixed ranks with -1 rows, empty and -1 segments, an unaligned row view
-(fallback), a rank large enough that the fused kernel needs > 48 KiB of dynamic shared
+dtype and fp32, mixed ranks with -1 rows, empty and -1 segments, long segments (the
+tensor-core prefill kernel, fp16 and bf16), an unaligned row view (fallback), a rank large enough that the fused kernel needs > 48 KiB of dynamic shared
 memory; shard_grad atomic and deterministic; sharded_lora forward + backward through a
 pool-gradient tap; and the checks-off garbage case (out-of-range indices and tenants,
 non-monotone segments). Each output is checked against the CPU ops, so the script also
@@ -35,7 +35,7 @@ def close(got, want, what):
         failures.append(f"{what}: max |diff| {(g - w).abs().max().item():.3g} (scale {mag:.3g})")
 
 
-def problem(dtype, pool_dtype, T=3, N=40, h=64, o=48, r=8, l_a=4, l_b=2, seed=0, garbage=False):
+def problem(dtype, pool_dtype, T=3, N=40, h=64, o=48, r=8, l_a=4, l_b=2, seed=0, garbage=False, long_segments=False):
     gen = torch.Generator().manual_seed(seed)
     P_a, P_b = T * r * l_a + 3, T * r * l_b + 5
     idx_a = torch.randint(0, P_a, (T, r, l_a), generator=gen, dtype=torch.int32)
@@ -44,6 +44,9 @@ def problem(dtype, pool_dtype, T=3, N=40, h=64, o=48, r=8, l_a=4, l_b=2, seed=0,
     idx_b[0, r // 2:] = -1
     ip = torch.tensor([0, 5, 5, 17, 30, 36], dtype=torch.int32)  # an empty segment, tokens 36.. outside
     tn = torch.tensor([0, 2, 1, -1, 2], dtype=torch.int32)
+    if long_segments:  # >= 32 tokens per segment on average: the tensor-core prefill kernel
+        ip = torch.tensor([0, 130, 130, 290, N - 7], dtype=torch.int32)
+        tn = torch.tensor([0, 2, -1, 1], dtype=torch.int32)
     if garbage:
         idx_a[1, 0, 0], idx_a[2, 1, 1], idx_b[1, 2, 0] = P_a + 7, -5, 2**30
         ip = torch.tensor([0, 9, 4, 30, 2**20, 38], dtype=torch.int32)
@@ -94,6 +97,11 @@ def main():
             tag = f"{path} {str(dt)[6:]}/{str(pdt)[6:]}"
             run_ops(problem(dt, pdt), tag)
         run_ops(problem(torch.bfloat16, torch.bfloat16), f"{path} unaligned x rows", x_view=True)
+        # tensor-core prefill (fast): cp.async stages, > 48 KiB of dynamic shared memory with
+        # fp32 pools, h / o not multiples of the stage widths, rank 40 (padded to 48)
+        for dt, pdt in combos[:4]:
+            run_ops(problem(dt, pdt, N=320, h=96, o=72, r=40, l_a=3, l_b=1, long_segments=True),
+                    f"{path} prefill {str(dt)[6:]}/{str(pdt)[6:]}")
         # large rank: > 48 KiB of dynamic shared memory in the fused kernel
         run_ops(problem(torch.bfloat16, torch.float32, T=1, r=1024, h=256, o=128, l_a=2, l_b=2), f"{path} r=1024")
         run_ops(problem(torch.float32, torch.float32, T=1, r=1536, h=64, o=64), f"{path} fp32 r=1536")

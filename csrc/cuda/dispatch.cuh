@@ -48,6 +48,15 @@ cudaError_t dispatch_act_pool(DType act, DType pool, F&& f) {
   });
 }
 
+// A kernel with more than 48 KiB of shared memory in all (dynamic + static)
+// must opt in for its dynamic part (a host-side function attribute; allowed
+// while a stream is capturing).
+template <typename K>
+cudaError_t opt_in_smem(K kernel, size_t dyn, size_t static_bytes = 0) {
+  if (dyn + static_bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn));
+}
+
 // Ceil division and grid-dimension caps (grids depend on shapes only).
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned cap_grid_x(int64_t v) { return static_cast<unsigned>(v < 0x7fffffff ? v : 0x7fffffff); }

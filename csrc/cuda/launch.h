@@ -99,7 +99,7 @@ struct SgmvPlan {
 // a device read: capture-safe). The fast path needs fp16 / bf16 activations,
 // pools in that dtype or fp32, shard lengths that are multiples of 8, 16-byte
 // aligned pools and activation rows (pointer and row stride), 32-bit
-// dimensions, and (fused, expand) rank <= 1024. The fused op on bf16 with rank
+// dimensions, and (fused, expand) rank <= 1024. The fused op with rank
 // <= 64 and long segments on average (N >= 64 and N >= 32 * S) takes the
 // tensor-core prefill kernel (prefill = true). `a` is used unless kind is
 // Expand, `b` unless kind is Shrink; x / y likewise.
@@ -115,8 +115,8 @@ cudaError_t launch_sgmv_fast(SgmvKind kind, void* y, int64_t y_stride, const voi
                              const Segments& seg, void* workspace, cudaStream_t stream);
 
 // The tensor-core prefill kernel (sgmv_prefill.cuh), for a Fused plan with
-// prefill = true (bf16 activations; pools bf16 or fp32).
-cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const Table& a,
+// prefill = true (bf16 / fp16 activations; pools in that dtype or fp32).
+cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, DType act, const Table& a,
                                 const Table& b, const float* scale, const Segments& seg, void* workspace,
                                 cudaStream_t stream);
 

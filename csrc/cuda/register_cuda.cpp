@@ -181,7 +181,7 @@ void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_
   if (plan.fast) {
     const at::Tensor ws = fast_workspace(plan, x);
     if (plan.prefill) {
-      C10_CUDA_CHECK(launch_sgmv_prefill(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), ta, tb,
+      C10_CUDA_CHECK(launch_sgmv_prefill(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), act, ta, tb,
                                          scale.data_ptr<float>(), seg, ws_ptr(ws), current_stream()));
       return;
     }

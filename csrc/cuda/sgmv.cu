@@ -61,13 +61,8 @@ cudaError_t run_fused(void* y, int64_t y_stride, const void* x, int64_t x_stride
   z = z < 1 ? 1 : (z > tiles ? tiles : z);
   const size_t dyn = static_cast<size_t>(BM) * static_cast<size_t>(A.r) * sizeof(AT);
   auto kernel = sgmv_fused_kernel<XT, PA, PB>;
-  if (dyn + fused_static_smem<AT>() > 48 * 1024) {
-    // Large ranks: opt in to more than 48 KiB of shared memory (a host-side
-    // attribute, allowed during stream capture).
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(dyn));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = opt_in_smem(kernel, dyn, fused_static_smem<AT>());  // large ranks
+  if (e != cudaSuccess) return e;
   const dim3 grid(cap_grid_x(items), cap_grid_yz(z));
   kernel<<<grid, kSgmvThreads, dyn, stream>>>(static_cast<XT*>(y), y_stride, static_cast<const XT*>(x), x_stride,
                                               scale, A, B, sg);

@@ -35,17 +35,18 @@ MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, __nv_bfloat16)
 MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, float)
 #undef MOS_FAST_INSTANTIATE_HALVES
 
-template __global__ void sgmv_prefill_kernel<__nv_bfloat16, __nv_bfloat16>(__nv_bfloat16*, int64_t,
-                                                                          const __nv_bfloat16*, int64_t, const float*,
-                                                                          SideArgs, SideArgs, SegArgs, FastItems);
-template __global__ void sgmv_prefill_kernel<float, __nv_bfloat16>(__nv_bfloat16*, int64_t, const __nv_bfloat16*,
-                                                                  int64_t, const float*, SideArgs, SideArgs, SegArgs,
-                                                                  FastItems);
-template __global__ void sgmv_prefill_kernel<__nv_bfloat16, float>(__nv_bfloat16*, int64_t, const __nv_bfloat16*,
-                                                                  int64_t, const float*, SideArgs, SideArgs, SegArgs,
-                                                                  FastItems);
-template __global__ void sgmv_prefill_kernel<float, float>(__nv_bfloat16*, int64_t, const __nv_bfloat16*, int64_t,
-                                                          const float*, SideArgs, SideArgs, SegArgs, FastItems);
+#define MOS_PREFILL_INSTANTIATE(XT, PA, PB)                                                                     \
+  template __global__ void sgmv_prefill_kernel<XT, PA, PB>(XT*, int64_t, const XT*, int64_t, const float*, SideArgs, \
+                                                           SideArgs, SegArgs, FastItems);
+MOS_PREFILL_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
+MOS_PREFILL_INSTANTIATE(__nv_bfloat16, float, __nv_bfloat16)
+MOS_PREFILL_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
+MOS_PREFILL_INSTANTIATE(__nv_bfloat16, float, float)
+MOS_PREFILL_INSTANTIATE(__half, __half, __half)
+MOS_PREFILL_INSTANTIATE(__half, float, __half)
+MOS_PREFILL_INSTANTIATE(__half, __half, float)
+MOS_PREFILL_INSTANTIATE(__half, float, float)
+#undef MOS_PREFILL_INSTANTIATE
 
 namespace {
 
@@ -70,6 +71,18 @@ const char* rows_blocker(const void* p, int64_t stride) {
   return nullptr;
 }
 
+// Segment pre-pass (S > kFastInlineSegments) for items of BM tokens.
+cudaError_t items_prepass(const SegArgs& sg, int BM, void* workspace, FastItems& fi, cudaStream_t stream) {
+  if (sg.S <= kFastInlineSegments) return cudaSuccess;
+  if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
+  int4* meta = static_cast<int4*>(workspace);
+  int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
+  fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, item_bound(sg.N, sg.S, BM), sg, BM);
+  fi.meta = meta;
+  fi.item_seg = item_seg;
+  return cudaGetLastError();
+}
+
 template <typename XT, typename PA, typename PB, int MODE>
 cudaError_t run_fast(void* y, int64_t y_stride, const void* x, int64_t x_stride, void* v, int64_t v_stride,
                      const SideArgs& A, const SideArgs& B, const float* scale, const SegArgs& sg, void* workspace,
@@ -77,16 +90,8 @@ cudaError_t run_fast(void* y, int64_t y_stride, const void* x, int64_t x_stride,
   const int64_t bound = item_bound(sg.N, sg.S, kFastBM);
   if (bound <= 0 || sg.S <= 0) return cudaSuccess;
   FastItems fi;
-  if (sg.S > kFastInlineSegments) {
-    if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
-    int4* meta = static_cast<int4*>(workspace);
-    int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
-    fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, bound, sg, kFastBM);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    fi.meta = meta;
-    fi.item_seg = item_seg;
-  }
+  const cudaError_t e = items_prepass(sg, kFastBM, workspace, fi, stream);
+  if (e != cudaSuccess) return e;
   int64_t z = 1;
   size_t dyn = 0;
   if (MODE == kFastShrink) {
@@ -104,29 +109,21 @@ cudaError_t run_fast(void* y, int64_t y_stride, const void* x, int64_t x_stride,
   return cudaGetLastError();
 }
 
-// Segment pre-pass (S > kFastInlineSegments) for items of BM tokens.
-cudaError_t items_prepass(const SegArgs& sg, int BM, void* workspace, FastItems& fi, cudaStream_t stream) {
-  if (sg.S <= kFastInlineSegments) return cudaSuccess;
-  if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
-  int4* meta = static_cast<int4*>(workspace);
-  int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
-  fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, item_bound(sg.N, sg.S, BM), sg, BM);
-  fi.meta = meta;
-  fi.item_seg = item_seg;
-  return cudaGetLastError();
-}
-
-template <typename PA, typename PB>
+template <typename XT, typename PA, typename PB>
 cudaError_t run_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const SideArgs& A,
                         const SideArgs& B, const float* scale, const SegArgs& sg, void* workspace,
                         cudaStream_t stream) {
   const int64_t bound = item_bound(sg.N, sg.S, kPfM);
   if (bound <= 0 || sg.S <= 0) return cudaSuccess;
   FastItems fi;
-  const cudaError_t e = items_prepass(sg, kPfM, workspace, fi, stream);
+  cudaError_t e = items_prepass(sg, kPfM, workspace, fi, stream);
   if (e != cudaSuccess) return e;
-  sgmv_prefill_kernel<PA, PB><<<cap_grid_x(bound), kPfThreads, 0, stream>>>(
-      static_cast<__nv_bfloat16*>(y), y_stride, static_cast<const __nv_bfloat16*>(x), x_stride, scale, A, B, sg, fi);
+  auto kernel = sgmv_prefill_kernel<XT, PA, PB>;
+  constexpr size_t dyn = PfLayout<XT, PA, PB>::bytes;
+  e = opt_in_smem(kernel, dyn);
+  if (e != cudaSuccess) return e;
+  kernel<<<cap_grid_x(bound), kPfThreads, dyn, stream>>>(static_cast<XT*>(y), y_stride, static_cast<const XT*>(x),
+                                                         x_stride, scale, A, B, sg, fi);
   return cudaGetLastError();
 }
 
@@ -157,8 +154,8 @@ SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64
   }
   plan.fast = why == nullptr;
   plan.reason = why ? why : "fast";
-  // Tensor-core prefill: bf16, rank <= 64, long segments on average (host facts only).
-  plan.prefill = plan.fast && kind == SgmvKind::Fused && act == DType::BF16 && a->r <= kPfMaxRank &&
+  // Tensor-core prefill: rank <= 64, long segments on average (host facts only).
+  plan.prefill = plan.fast && kind == SgmvKind::Fused && a->r <= kPfMaxRank &&
                  seg.N >= kPfM && seg.N >= 32 * seg.S;
   if (plan.prefill) plan.reason = "fast (tensor-core prefill)";
   if (plan.fast && seg.S > kFastInlineSegments) {
@@ -168,16 +165,21 @@ SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64
   return plan;
 }
 
-cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, const Table& a,
+cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_t x_stride, DType act, const Table& a,
                                 const Table& b, const float* scale, const Segments& seg, void* workspace,
                                 cudaStream_t stream) {
   const SegArgs sg = seg_args(seg);
   const SideArgs A = side_args(a), B = side_args(b);
-  const bool fa = a.pool_dtype == DType::F32, fb = b.pool_dtype == DType::F32;
-  if (fa && fb) return run_prefill<float, float>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
-  if (fa) return run_prefill<float, __nv_bfloat16>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
-  if (fb) return run_prefill<__nv_bfloat16, float>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
-  return run_prefill<__nv_bfloat16, __nv_bfloat16>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
+  return dispatch_half(act, [&](auto xt) -> cudaError_t {
+    using XT = typename decltype(xt)::type;
+    return dispatch_pool<XT>(act, a.pool_dtype, [&](auto pa) -> cudaError_t {
+      using PA = typename decltype(pa)::type;
+      return dispatch_pool<XT>(act, b.pool_dtype, [&](auto pb) -> cudaError_t {
+        using PB = typename decltype(pb)::type;
+        return run_prefill<XT, PA, PB>(y, y_stride, x, x_stride, A, B, scale, sg, workspace, stream);
+      });
+    });
+  });
 }
 
 cudaError_t launch_sgmv_fast(SgmvKind kind, void* y, int64_t y_stride, const void* x, int64_t x_stride, void* v,

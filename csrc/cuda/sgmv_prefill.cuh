@@ -1,39 +1,58 @@
-// Prefill path of the fused sgmv on tensor cores (bf16 activations, pools in
-// bf16 or fp32, rank <= 64; chosen on the host by plan_sgmv when segments are
-// long on average, see sgmv_fast.cu):
+// Prefill path of the fused sgmv on tensor cores (bf16 or fp16 activations,
+// pools in the activation dtype or fp32, rank <= 64; chosen on the host by
+// plan_sgmv when segments are long on average, see sgmv_fast.cu):
 //
 //   y[n] += scale[t] * B_t (A_t x[n])   for the tokens n of item (<= 64 tokens of one segment)
 //
 // Block = 4 warps, one item; warp w owns token rows [16w, 16w + 16).
 //
-// Shrink: h in chunks of kPfK = 32 columns. The x chunk [64 x 32] and the
-// gathered A chunk [r16 x 32] (A[j, k] = pool_a[idx_a[t, j, k / s_a], k % s_a],
-// slot computed once per 8-column group in 32-bit) are read with 16-byte loads
-// into registers one chunk ahead (the next chunk's loads are in flight while
-// the tensor cores work on the current one) and stored to shared memory as
-// bf16; an fp32 pool is split there into hi = bf16(a) and lo = bf16(a - hi).
-// v [64 x r] accumulates in fp32 WMMA fragments (x * A_hi + x * A_lo).
+// Every MMA is bf16 x bf16 with fp32 accumulation (WMMA 16x16x16, HMMA on
+// sm_80 / sm_90). Operands that are not bf16 are split into bf16 hi + lo
+// (split_bf16x8): fp16 values exactly (11 significant bits fit in two bf16,
+// and bf16 has fp32's exponent range, so unlike an fp16 hi / lo split nothing
+// overflows or underflows), fp32 values to ~16 significant bits. A product
+// a * b with both split is computed as a_hi b_hi + a_hi b_lo + a_lo b_hi (the
+// lo * lo term is dropped); one that needs no split takes one MMA.
+//
+// Shrink: h in chunks of kPfK = 32 columns, double-buffered: chunk k + 1 is
+// copied global -> shared with 16-byte cp.async (cp.async.cg; zero-filled
+// past the item's tokens, past h and for padded / invalid table entries)
+// while the tensor cores work on chunk k. The gathered A chunk [r16 x 32] is
+// A[j, c] = pool_a[idx_a[t, j, c / s_a], c % s_a], the slot computed once per
+// 16-byte group in 32-bit. Chunks that need a split (fp16 x, fp32 or fp16
+// A) are converted shared -> shared into bf16 hi / lo after they land.
+// v [64 x r] accumulates in fp32 fragments.
 //
 // v stays on chip: scaled by scale[t] in fp32 and split into bf16 hi + lo
 // (rank rows whose A entries are all padded / invalid are set to 0 exactly, so
 // Inf / NaN in x never reaches y through them).
 //
-// Expand: o in tiles of kPfN = 64 columns; the gathered B tile [r16 x 64]
-// (hi / lo as above) is prefetched the same way; y_tile = v_hi B_hi + v_lo
-// B_hi (+ v_hi B_lo for fp32 pools) in fp32 fragments, staged through shared
+// Expand: o in tiles of kPfN = 64 columns, double-buffered the same way (the
+// first B tile's copies are issued as soon as the shrink's last MMAs are done,
+// before v is staged); y_tile = v B in fp32 fragments, staged through shared
 // memory and added to y with one 16-byte read-modify-write per 8 columns and
 // one rounding.
 //
-// Error bound (per output element, before the final bf16 rounding of y):
-//   |err| <= 3 * 2^-16 * sum_j |scale v_j| |B_jc| + 2^-16 * scale * sum_j |B_jc| sum_k |A_jk x_k|
-// plus fp32 accumulation error: v and fp32 pool values are carried to ~16
-// significant bits (hi + lo), bf16 x and bf16 pools exactly. With bf16 pools
-// this is ~2^-16 relative, far below bf16's 2^-9 output rounding.
+// Error bound (per output element c, before the final rounding of y to the
+// activation dtype), with u = 2^-16:
+//   |err| <= 3u sum_j |scale v_j| |B_jc| + e_A scale sum_j |B_jc| sum_k |A_jk| |x_k|
+// where e_A = 0 (bf16 x, bf16 A), u (bf16 x with fp32 A, or fp16 x with fp16
+// A), 2u (fp16 x with fp32 A); plus fp32 accumulation error. The first term
+// covers v carried as hi + lo and B split (fp32 or fp16 B). This is ~2^-15
+// relative, far below the output rounding (bf16 2^-9, fp16 2^-12).
+//
+// Shared memory (dynamic, PfLayout below): two stages per side plus split
+// buffers; with fp32 pools on both sides 87 KiB (opt-in above 48 KiB, 2
+// blocks per SM on sm_90), bf16 everywhere 53 KiB. Launch bounds (128, 2):
+// with ptxas's default choice (80 registers) the fp16 + fp32-pool variants
+// spilled; with room for 2 blocks per SM they take 114-166 registers and spill
+// nothing (the SASS gate in tools/check_cuda.sh forbids local memory).
 #pragma once
 
 #ifndef MOS_CUDA_EMU
 #include <mma.h>
 #endif
+#include <type_traits>
 
 #include "sgmv_fast.cuh"
 
@@ -45,70 +64,105 @@ constexpr int kPfM = 64;         // tokens per item
 constexpr int kPfK = 32;         // shrink: h columns per stage
 constexpr int kPfN = 64;         // expand: output columns per tile
 constexpr int kPfMaxRank = 64;
-constexpr int kPfLdK = kPfK + 8;        // bf16 rows of 80 bytes (16-byte multiple, spreads banks)
-constexpr int kPfLdN = kPfN + 8;        // bf16 rows of 144 bytes
+constexpr int kPfLdK = kPfK + 8;        // 2-byte rows of 80 bytes (16-byte multiple, spreads banks)
+constexpr int kPfLdN = kPfN + 8;        // 2-byte rows of 144 bytes
 constexpr int kPfLdR = kPfMaxRank + 8;  // v hi / lo rows
-constexpr int kPfLdF = kPfN + 4;        // fp32 staging rows (v and the y tile)
+constexpr int kPfLdF = kPfN + 4;        // fp32 rows (v staging, the y tile, fp32 pool stages)
 
-struct PfSmem {
-  union {
-    struct {
-      __nv_bfloat16 x[kPfM * kPfLdK];
-      __nv_bfloat16 a_hi[kPfMaxRank * kPfLdK];
-      __nv_bfloat16 a_lo[kPfMaxRank * kPfLdK];
-    } s;                                 // shrink stage
-    float f[kPfM * kPfLdF];              // v (fp32), then the y tile
-    struct {
-      __nv_bfloat16 b_hi[kPfMaxRank * kPfLdN];
-      __nv_bfloat16 b_lo[kPfMaxRank * kPfLdN];
-    } e;                                 // expand stage
-  } u;
-  __nv_bfloat16 v_hi[kPfM * kPfLdR];
-  __nv_bfloat16 v_lo[kPfM * kPfLdR];
-  int row_ok[kPfMaxRank];
+template <typename T>
+constexpr bool kIsBf16 = std::is_same<T, __nv_bfloat16>::value;
+
+// Byte offsets into the dynamic shared memory of sgmv_prefill_kernel<XT, PA, PB>.
+// A union of the shrink buffers and the expand buffers, then v hi / lo and the
+// rank-row mask. The y tile (and, before it, the v staging) sits at the end of
+// the expand part, after both B stages, so the first B tile can be in flight
+// while v is staged.
+template <typename XT, typename PA, typename PB>
+struct PfLayout {
+  static constexpr bool kCvtX = !kIsBf16<XT>, kCvtA = !kIsBf16<PA>, kCvtB = !kIsBf16<PB>;
+  static constexpr int kLdA = sizeof(PA) == 4 ? kPfK + 4 : kPfLdK;   // A stage row (elements)
+  static constexpr int kLdB = sizeof(PB) == 4 ? kPfN + 4 : kPfLdN;   // B stage row
+  static constexpr int kSplitK = kPfMaxRank * kPfLdK * 2;            // one bf16 [64 x kPfLdK] buffer
+  static constexpr int kSplitN = kPfMaxRank * kPfLdN * 2;
+  // shrink
+  static constexpr int kStageX = kPfM * kPfLdK * 2;
+  static constexpr int kStageA = kPfMaxRank * kLdA * static_cast<int>(sizeof(PA));
+  static constexpr int xs = 0;                       // [2] x stages (XT)
+  static constexpr int as = 2 * kStageX;             // [2] A stages (PA)
+  static constexpr int xc = as + 2 * kStageA;        // x hi, lo (bf16) when kCvtX
+  static constexpr int ac = xc + (kCvtX ? 2 * kSplitK : 0);  // A hi, lo when kCvtA
+  static constexpr int shrink_end = ac + (kCvtA ? 2 * kSplitK : 0);
+  // expand
+  static constexpr int kStageB = kPfMaxRank * kLdB * static_cast<int>(sizeof(PB));
+  static constexpr int bs = 0;                       // [2] B stages (PB)
+  static constexpr int bc = 2 * kStageB;             // B hi, lo when kCvtB
+  static constexpr int f = bc + (kCvtB ? 2 * kSplitN : 0);  // fp32 [64 x kPfLdF]: v staging, then the y tile
+  static constexpr int expand_end = f + kPfM * kPfLdF * 4;
+  static constexpr int u_end = shrink_end > expand_end ? shrink_end : expand_end;
+  static constexpr int v_hi = u_end;
+  static constexpr int v_lo = v_hi + kPfM * kPfLdR * 2;
+  static constexpr int row_ok = v_lo + kPfM * kPfLdR * 2;
+  static constexpr int bytes = row_ok + kPfMaxRank * 4;
+  static_assert(kStageX % 128 == 0 && kStageA % 128 == 0 && kStageB % 128 == 0 && kSplitK % 128 == 0 &&
+                    kSplitN % 128 == 0 && u_end % 128 == 0,
+                "every buffer starts 128-byte aligned (WMMA needs 32)");
 };
-// f (the y tile) aliases the B tile: every tile's loop syncs between them.
-static_assert(kPfMaxRank <= kPfM, "v staging reuses the y-tile rows");
 
+// 16-byte groups of 8 columns of a gathered table row, as cp.async copies:
+// pool[idx[t, j, col / s], col % s .. +8] into dst (8 elements of PT: one copy
+// for 2-byte pools, two for fp32), zero-filled when j >= r, col >= width or
+// the entry is padded / invalid.
 template <typename PT>
-struct IsF32 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsF32<float> {
-  static constexpr bool value = true;
-};
-
-// One 8-column group of a gathered table row: pool[idx[t, j, col / s], col % s .. +8],
-// zeros when j >= r, col >= width or the entry is padded / invalid.
-template <typename PT>
-__device__ __forceinline__ void gather8(const PT* __restrict__ pool, const int32_t* __restrict__ tab, int j, int r,
-                                        int col, int width, int s, int l, int P, float* f) {
+__device__ __forceinline__ void gather8_async(PT* dst, const PT* __restrict__ pool, const int32_t* __restrict__ tab,
+                                              int j, int r, int col, int width, int s, int l, int P) {
   bool ok = j < r && col < width;
-  int p = -1, i = 0;
+  const PT* src = pool;
   if (ok) {
-    i = col / s;  // slot, 32-bit
-    p = __ldg(tab + j * l + i);
+    const int i = col / s;  // slot, 32-bit
+    const int p = __ldg(tab + j * l + i);
     ok = p >= 0 && p < P;
+    if (ok) src = pool + static_cast<int64_t>(p) * s + (col - i * s);
   }
-  if (ok) {
-    load8<PT>(pool + static_cast<int64_t>(p) * s + (col - i * s), f);
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = 0.f;
+  cp_async16(dst, src, ok);
+  if (sizeof(PT) == 4) cp_async16(dst + 4, src + 4, ok);
+}
+
+// 8 elements of T in shared memory -> float.
+template <typename T>
+__device__ __forceinline__ void smem8(const T* p, float* f) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(p), f);
+}
+template <>
+__device__ __forceinline__ void smem8<float>(const float* p, float* f) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+// Converts rows [0, rows) x cols of a landed stage (T, row stride ld_src) into
+// bf16 hi / lo buffers (row stride ld_dst), 8 columns per thread step.
+template <typename T>
+__device__ __forceinline__ void split_stage(const T* src, int ld_src, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                                            int ld_dst, int rows, int cols) {
+  const int groups = cols / 8;
+  for (int e = threadIdx.x; e < rows * groups; e += kPfThreads) {
+    const int row = e / groups, cc = (e % groups) * 8;
+    float f[8];
+    smem8<T>(src + row * ld_src + cc, f);
+    split_bf16x8(f, hi + row * ld_dst + cc, lo + row * ld_dst + cc, true);
   }
 }
 
-// Grid (items, 1); static shared memory sizeof(PfSmem).
-template <typename PA, typename PB>
-__global__ void __launch_bounds__(kPfThreads)
-    sgmv_prefill_kernel(__nv_bfloat16* __restrict__ y, int64_t y_stride, const __nv_bfloat16* __restrict__ x,
-                        int64_t x_stride, const float* __restrict__ scale, SideArgs A, SideArgs B, SegArgs sg,
-                        FastItems fi) {
+// Grid (items, 1); dynamic shared memory PfLayout<XT, PA, PB>::bytes.
+template <typename XT, typename PA, typename PB>
+__global__ void __launch_bounds__(kPfThreads, 2)
+    sgmv_prefill_kernel(XT* __restrict__ y, int64_t y_stride, const XT* __restrict__ x, int64_t x_stride,
+                        const float* __restrict__ scale, SideArgs A, SideArgs B, SegArgs sg, FastItems fi) {
   using namespace nvcuda;
-  using XT = __nv_bfloat16;
-  constexpr bool kLoA = IsF32<PA>::value, kLoB = IsF32<PB>::value;
-  __shared__ __align__(128) PfSmem sm;
+  using BF = __nv_bfloat16;
+  using L = PfLayout<XT, PA, PB>;
+  constexpr bool kCvtX = L::kCvtX, kCvtA = L::kCvtA, kCvtB = L::kCvtB;
+  extern __shared__ __align__(128) unsigned char pf_smem[];
   const ItemInfo it = fast_item<kPfThreads, kPfM>(sg, fi, blockIdx.x);
   if (it.n0 >= it.n1) return;  // uniform: no such item
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -125,113 +179,125 @@ __global__ void __launch_bounds__(kPfThreads)
   XT* yrow = y + static_cast<int64_t>(it.n0) * y_stride;
   const bool warp_busy = warp * 16 < m;  // warp-uniform: token rows of this warp exist
 
-  if (tid < kPfMaxRank) {  // rank rows with at least one usable A entry
+  XT* const xs = reinterpret_cast<XT*>(pf_smem + L::xs);
+  PA* const as = reinterpret_cast<PA*>(pf_smem + L::as);
+  BF* const xc = reinterpret_cast<BF*>(pf_smem + L::xc);
+  BF* const ac = reinterpret_cast<BF*>(pf_smem + L::ac);
+  PB* const bs = reinterpret_cast<PB*>(pf_smem + L::bs);
+  BF* const bc = reinterpret_cast<BF*>(pf_smem + L::bc);
+  float* const f = reinterpret_cast<float*>(pf_smem + L::f);
+  BF* const v_hi = reinterpret_cast<BF*>(pf_smem + L::v_hi);
+  BF* const v_lo = reinterpret_cast<BF*>(pf_smem + L::v_lo);
+  int* const row_ok = reinterpret_cast<int*>(pf_smem + L::row_ok);
+  constexpr int kSX = kPfM * kPfLdK, kSA = kPfMaxRank * L::kLdA, kSB = kPfMaxRank * L::kLdB;  // stage sizes (elements)
+  constexpr int kSplitK = kPfMaxRank * kPfLdK, kSplitN = kPfMaxRank * kPfLdN;
+
+  // ---- shrink: v = x A^T ------------------------------------------------------
+  const int rows_a = r16 * 16;
+  auto issue_shrink = [&](int k0, int st) {
+    XT* xd = xs + st * kSX;
+    for (int e = tid; e < kPfM * (kPfK / 8); e += kPfThreads) {
+      const int row = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
+      const bool ok = row < m && k0 + cc < h;
+      cp_async16(xd + row * kPfLdK + cc, ok ? xrow + row * x_stride + k0 + cc : x, ok);
+    }
+    PA* ad = as + st * kSA;
+    for (int e = tid; e < rows_a * (kPfK / 8); e += kPfThreads) {
+      const int j = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
+      gather8_async<PA>(ad + j * L::kLdA + cc, pool_a, tab_a, j, r, k0 + cc, h, sa, la, Pa);
+    }
+  };
+
+  issue_shrink(0, 0);
+  cp_async_commit();
+  if (tid < kPfMaxRank) {  // rank rows with at least one usable A entry (overlaps the first copies)
     int ok = 0;
     if (tid < r)
       for (int i = 0; i < la && !ok; ++i) {
-        const int p = tab_a[tid * la + i];
+        const int p = __ldg(tab_a + tid * la + i);
         ok = p >= 0 && p < Pa;
       }
-    sm.row_ok[tid] = ok;
+    row_ok[tid] = ok;
   }
-
-  // ---- shrink: v = x A^T ------------------------------------------------------
-  // Per stage each thread moves 2 x groups (64 rows x 4 groups) and up to 2 A
-  // groups (r16*16 rows x 4 groups) of 8 columns.
-  constexpr int kXG = kPfM * (kPfK / 8) / kPfThreads;        // 2
-  constexpr int kAG = kPfMaxRank * (kPfK / 8) / kPfThreads;  // 2
-  uint4 xr[kXG];
-  float ar[kAG][8];
-  auto load_stage = [&](int k0) {
-#pragma unroll
-    for (int g = 0; g < kXG; ++g) {
-      const int e = tid + g * kPfThreads, row = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      xr[g] = (row < m && k0 + cc < h) ? ld16_nc(xrow + row * x_stride + k0 + cc) : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int g = 0; g < kAG; ++g) {
-      const int e = tid + g * kPfThreads, j = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      gather8<PA>(pool_a, tab_a, j, r, k0 + cc, h, sa, la, Pa, ar[g]);
-    }
-  };
-  auto store_stage = [&]() {
-#pragma unroll
-    for (int g = 0; g < kXG; ++g) {
-      const int e = tid + g * kPfThreads, row = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      *reinterpret_cast<uint4*>(&sm.u.s.x[row * kPfLdK + cc]) = xr[g];
-    }
-#pragma unroll
-    for (int g = 0; g < kAG; ++g) {
-      const int e = tid + g * kPfThreads, j = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      split_bf16x8(ar[g], &sm.u.s.a_hi[j * kPfLdK + cc], &sm.u.s.a_lo[j * kPfLdK + cc], kLoA);
-    }
-  };
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> vacc[kPfMaxRank / 16];
 #pragma unroll
   for (int jt = 0; jt < kPfMaxRank / 16; ++jt) wmma::fill_fragment(vacc[jt], 0.f);
-  load_stage(0);
-  for (int k0 = 0; k0 < h; k0 += kPfK) {
-    __syncthreads();  // previous readers of the stage buffers are done
-    store_stage();
-    __syncthreads();
-    if (k0 + kPfK < h) load_stage(k0 + kPfK);  // next chunk in flight during the MMAs
+  const int nk = (h + kPfK - 1) / kPfK;
+  for (int c = 0; c < nk; ++c) {
+    const int st = c & 1;
+    __syncthreads();  // readers of stage st ^ 1 (chunk c - 1) and of the split buffers are done
+    if (c + 1 < nk) issue_shrink((c + 1) * kPfK, st ^ 1);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    cp_async_wait<1>();  // this thread's copies of chunk c have landed
+    __syncthreads();     // ... and everyone's
+    if (kCvtX) split_stage<XT>(xs + st * kSX, kPfLdK, xc, xc + kSplitK, kPfLdK, kPfM, kPfK);
+    if (kCvtA) split_stage<PA>(as + st * kSA, L::kLdA, ac, ac + kSplitK, kPfLdK, rows_a, kPfK);
+    if (kCvtX || kCvtA) __syncthreads();
+    const BF* x_hi = kCvtX ? xc : reinterpret_cast<const BF*>(xs + st * kSX);
+    const BF* a_hi = kCvtA ? ac : reinterpret_cast<const BF*>(as + st * kSA);
     if (warp_busy) {
 #pragma unroll
       for (int kk = 0; kk < kPfK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, XT, wmma::row_major> xa;
-        wmma::load_matrix_sync(xa, &sm.u.s.x[warp * 16 * kPfLdK + kk], kPfLdK);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, BF, wmma::row_major> xh, xl;
+        wmma::load_matrix_sync(xh, x_hi + warp * 16 * kPfLdK + kk, kPfLdK);
+        if (kCvtX) wmma::load_matrix_sync(xl, xc + kSplitK + warp * 16 * kPfLdK + kk, kPfLdK);
 #pragma unroll
         for (int jt = 0; jt < kPfMaxRank / 16; ++jt) {
           if (jt < r16) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, XT, wmma::col_major> ab;
-            if (kLoA) {
-              wmma::load_matrix_sync(ab, &sm.u.s.a_lo[jt * 16 * kPfLdK + kk], kPfLdK);
-              wmma::mma_sync(vacc[jt], xa, ab, vacc[jt]);
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, BF, wmma::col_major> ah;
+            wmma::load_matrix_sync(ah, a_hi + jt * 16 * kPfLdK + kk, kPfLdK);
+            if (kCvtA) {  // small terms first
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, BF, wmma::col_major> al;
+              wmma::load_matrix_sync(al, ac + kSplitK + jt * 16 * kPfLdK + kk, kPfLdK);
+              wmma::mma_sync(vacc[jt], xh, al, vacc[jt]);
             }
-            wmma::load_matrix_sync(ab, &sm.u.s.a_hi[jt * 16 * kPfLdK + kk], kPfLdK);
-            wmma::mma_sync(vacc[jt], xa, ab, vacc[jt]);
+            if (kCvtX) wmma::mma_sync(vacc[jt], xl, ah, vacc[jt]);
+            wmma::mma_sync(vacc[jt], xh, ah, vacc[jt]);
           }
         }
       }
     }
   }
-  __syncthreads();  // stage buffers dead: f (v staging) aliases them
+
+  // ---- expand: y += v B ---------------------------------------------------------
+  auto issue_expand = [&](int c0, int st) {
+    PB* bd = bs + st * kSB;
+    for (int e = tid; e < rows_a * (kPfN / 8); e += kPfThreads) {
+      const int j = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
+      gather8_async<PB>(bd + j * L::kLdB + cc, pool_b, tab_b, j, r, c0 + cc, o, sb, lb, Pb);
+    }
+  };
+  __syncthreads();  // shrink buffers dead: the B stages and f alias them
+  issue_expand(0, 0);
+  cp_async_commit();
+  // v (fp32) -> f, scaled, padded rank rows exactly 0 -> bf16 hi + lo.
 #pragma unroll
   for (int jt = 0; jt < kPfMaxRank / 16; ++jt)
-    if (jt < r16) wmma::store_matrix_sync(&sm.u.f[warp * 16 * kPfLdF + jt * 16], vacc[jt], kPfLdF, wmma::mem_row_major);
+    if (jt < r16) wmma::store_matrix_sync(f + warp * 16 * kPfLdF + jt * 16, vacc[jt], kPfLdF, wmma::mem_row_major);
   __syncthreads();
-  // v (scaled) -> bf16 hi + lo; padded rank rows exactly 0.
   const float sc = scale[it.t];
   for (int e = tid; e < kPfM * (kPfMaxRank / 8); e += kPfThreads) {
     const int row = e / (kPfMaxRank / 8), jc = (e % (kPfMaxRank / 8)) * 8;
-    float f[8];
+    float fv[8];
 #pragma unroll
-    for (int q = 0; q < 8; ++q)
-      f[q] = (jc + q < r16 * 16 && sm.row_ok[jc + q]) ? sc * sm.u.f[row * kPfLdF + jc + q] : 0.f;
-    split_bf16x8(f, &sm.v_hi[row * kPfLdR + jc], &sm.v_lo[row * kPfLdR + jc], true);
+    for (int q = 0; q < 8; ++q) fv[q] = (jc + q < rows_a && row_ok[jc + q]) ? sc * f[row * kPfLdF + jc + q] : 0.f;
+    split_bf16x8(fv, v_hi + row * kPfLdR + jc, v_lo + row * kPfLdR + jc, true);
   }
 
-  // ---- expand: y += v B ---------------------------------------------------------
-  constexpr int kBG = kPfMaxRank * (kPfN / 8) / kPfThreads;  // 4
-  float br[kBG][8];
-  auto load_b = [&](int c0) {
-#pragma unroll
-    for (int g = 0; g < kBG; ++g) {
-      const int e = tid + g * kPfThreads, j = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
-      if (j < r16 * 16) gather8<PB>(pool_b, tab_b, j, r, c0 + cc, o, sb, lb, Pb, br[g]);
-    }
-  };
-  load_b(0);
-  for (int c0 = 0; c0 < o; c0 += kPfN) {
-    __syncthreads();  // v staging / previous y tile reads done (both alias the B tile)
-#pragma unroll
-    for (int g = 0; g < kBG; ++g) {
-      const int e = tid + g * kPfThreads, j = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
-      if (j < r16 * 16) split_bf16x8(br[g], &sm.u.e.b_hi[j * kPfLdN + cc], &sm.u.e.b_lo[j * kPfLdN + cc], kLoB);
-    }
+  const int nt = (o + kPfN - 1) / kPfN;
+  for (int c = 0; c < nt; ++c) {
+    const int st = c & 1, c0 = c * kPfN;
+    __syncthreads();  // v hi / lo written; readers of stage st ^ 1, the split buffers and f are done
+    if (c + 1 < nt) issue_expand(c0 + kPfN, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
-    if (c0 + kPfN < o) load_b(c0 + kPfN);  // next tile in flight during the MMAs
+    if (kCvtB) {
+      split_stage<PB>(bs + st * kSB, L::kLdB, bc, bc + kSplitN, kPfLdN, rows_a, kPfN);
+      __syncthreads();
+    }
+    const BF* b_hi = kCvtB ? bc : reinterpret_cast<const BF*>(bs + st * kSB);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> yacc[kPfN / 16];
 #pragma unroll
     for (int ct = 0; ct < kPfN / 16; ++ct) wmma::fill_fragment(yacc[ct], 0.f);
@@ -239,39 +305,38 @@ __global__ void __launch_bounds__(kPfThreads)
 #pragma unroll
       for (int kt = 0; kt < kPfMaxRank / 16; ++kt) {
         if (kt < r16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, XT, wmma::row_major> vh, vl;
-          wmma::load_matrix_sync(vh, &sm.v_hi[warp * 16 * kPfLdR + kt * 16], kPfLdR);
-          wmma::load_matrix_sync(vl, &sm.v_lo[warp * 16 * kPfLdR + kt * 16], kPfLdR);
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, BF, wmma::row_major> vh, vl;
+          wmma::load_matrix_sync(vh, v_hi + warp * 16 * kPfLdR + kt * 16, kPfLdR);
+          wmma::load_matrix_sync(vl, v_lo + warp * 16 * kPfLdR + kt * 16, kPfLdR);
 #pragma unroll
           for (int ct = 0; ct < kPfN / 16; ++ct) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, XT, wmma::row_major> bb;
-            if (kLoB) {
-              wmma::load_matrix_sync(bb, &sm.u.e.b_lo[kt * 16 * kPfLdN + ct * 16], kPfLdN);
-              wmma::mma_sync(yacc[ct], vh, bb, yacc[ct]);
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, BF, wmma::row_major> bh;
+            if (kCvtB) {
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, BF, wmma::row_major> bl;
+              wmma::load_matrix_sync(bl, bc + kSplitN + kt * 16 * kPfLdN + ct * 16, kPfLdN);
+              wmma::mma_sync(yacc[ct], vh, bl, yacc[ct]);
             }
-            wmma::load_matrix_sync(bb, &sm.u.e.b_hi[kt * 16 * kPfLdN + ct * 16], kPfLdN);
-            wmma::mma_sync(yacc[ct], vl, bb, yacc[ct]);
-            wmma::mma_sync(yacc[ct], vh, bb, yacc[ct]);
+            wmma::load_matrix_sync(bh, b_hi + kt * 16 * kPfLdN + ct * 16, kPfLdN);
+            wmma::mma_sync(yacc[ct], vl, bh, yacc[ct]);
+            wmma::mma_sync(yacc[ct], vh, bh, yacc[ct]);
           }
         }
       }
-    }
-    __syncthreads();  // B tile dead: the y tile aliases it
-    if (warp_busy) {
+      // f is this warp's own 16 rows; nobody else reads them before the barrier below.
 #pragma unroll
       for (int ct = 0; ct < kPfN / 16; ++ct)
-        wmma::store_matrix_sync(&sm.u.f[warp * 16 * kPfLdF + ct * 16], yacc[ct], kPfLdF, wmma::mem_row_major);
+        wmma::store_matrix_sync(f + warp * 16 * kPfLdF + ct * 16, yacc[ct], kPfLdF, wmma::mem_row_major);
     }
     __syncthreads();
     for (int e = tid; e < kPfM * (kPfN / 8); e += kPfThreads) {
       const int row = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
       if (row < m && c0 + cc < o) {
         XT* yp = yrow + row * y_stride + c0 + cc;
-        float f[8];
-        unpack8<XT>(ld16(yp), f);
+        float fv[8];
+        unpack8<XT>(ld16(yp), fv);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) f[q] += sm.u.f[row * kPfLdF + cc + q];
-        st16(yp, pack8<XT>(f));
+        for (int q = 0; q < 8; ++q) fv[q] += f[row * kPfLdF + cc + q];
+        st16(yp, pack8<XT>(fv));
       }
     }
   }

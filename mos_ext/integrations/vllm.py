@@ -72,30 +72,26 @@ def check_version(version: str) -> None:
             f"Set {ENV_SWITCH}=0 to run vLLM without it (mos_ext adapters are then not served).")
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind):
+    """A positive number from the environment (``kind`` int or float), ``default`` when unset."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        v = int(raw)
+        v = kind(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if not v > 0:
+        raise ValueError(f"{name} must be {'>= 1' if kind is int else '> 0'}, got {v}")
     return v
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
+    return _env_number(name, default, float)
 
 
 def is_mos_readable(path) -> bool:

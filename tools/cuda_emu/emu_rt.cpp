@@ -213,8 +213,8 @@ cudaError_t run_grid(dim3 grid, int block, size_t smem, const std::function<void
   if (smem > 227 * 1024) { last = cudaErrorInvalidValue; return last; }
   bdim = Idx{(unsigned)block, 1, 1};
   gdim = Idx{grid.x, grid.y, grid.z};
-  std::vector<unsigned char> dbuf(smem + 64);
-  dyn = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dbuf.data()) + 15) & ~uintptr_t(15));
+  std::vector<unsigned char> dbuf(smem + 256);  // 128-byte aligned, like the device's dynamic shared memory
+  dyn = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dbuf.data()) + 127) & ~uintptr_t(127));
   if ((int)fibers.size() < block) fibers.resize(block);
   nthreads = block;
   for (int t = 0; t < block; ++t) fibers[t].tid = t;
