@@ -179,3 +179,17 @@ def make_problem(
 def assert_close(out, ref, dtype, what=""):
     tol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"], msg=lambda m: f"{what}: {m}")
+
+
+def capture_graph(fn, warmup=None):
+    """``fn`` captured in a CUDA graph after one warm-up call (``warmup`` or ``fn``) on a
+    side stream, the order ``torch.cuda.graphs`` asks for. Returns the graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        (warmup or fn)()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

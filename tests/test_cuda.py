@@ -23,6 +23,7 @@ import torch
 
 import mos_ext
 from mos_ext import ops
+from problems import capture_graph
 
 
 def _cuda_ready() -> bool:
@@ -403,16 +404,9 @@ def test_sgmv_cuda_graph_replay_matches_eager():
         # eager
         y_eager = y0.clone()
         ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        # capture (after a warm-up on a side stream, as torch.cuda.graphs asks)
         y_static = y0.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        graph = capture_graph(lambda: ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale,
+                                               d.seg_indptr, d.seg_tenant))
         y_static.copy_(y0)
         graph.replay()
         torch.cuda.synchronize()
@@ -451,14 +445,9 @@ def test_training_ops_cuda_graph():
         y_e, g_e = d.y.clone(), g0.clone()
         v_e = step(y_e, g_e)
         y_s, g_s = d.y.clone(), g0.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step(y_s.clone(), g_s.clone())
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            v_s = step(y_s, g_s)
+        out = []
+        graph = capture_graph(lambda: out.append(step(y_s, g_s)), warmup=lambda: step(y_s.clone(), g_s.clone()))
+        v_s = out[-1]
         y_s.copy_(d.y)
         g_s.copy_(g0)
         graph.replay()
@@ -570,14 +559,8 @@ def test_fast_path_cuda_graph_many_segments(cuda_path, N, S, T, dtype, pools):
         y_eager = y0.clone()
         ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
         y_static = y0.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        graph = capture_graph(lambda: ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale,
+                                               d.seg_indptr, d.seg_tenant))
         y_static.copy_(y0)
         graph.replay()
         torch.cuda.synchronize()

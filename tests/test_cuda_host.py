@@ -6,7 +6,7 @@ import torch
 
 import mos_ext
 from mos_ext import ops
-from problems import make_problem
+from problems import capture_graph, make_problem
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and mos_ext.cuda_built()),
                                 reason="needs a CUDA device and mos_ext built with MOS_EXT_CUDA=1")
@@ -61,14 +61,9 @@ def test_device_checks_opt_in_sync_and_raise(d):
 def test_device_checks_skipped_while_capturing(d):
     with mos_ext.index_checks(True, device=True):
         y = d.y.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.sgmv(y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # would fail if the checks synced
-            ops.sgmv(y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+        # capturing would fail if the checks synced
+        graph = capture_graph(lambda: ops.sgmv(y, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr,
+                                               d.seg_tenant))
         graph.replay()
         torch.cuda.synchronize()
 
