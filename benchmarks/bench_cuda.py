@@ -13,7 +13,8 @@ nothing is served from L2 that a real model step would not find there.
 
 Cases (bf16 unless noted; h = o = 4096, r = 16, MoS l = 8 shards per vector):
   decode   N in {64, 256, 1024} tokens, one tenant each (distinct);
-  prefill  N in {4096, 16384} x S in {1, 64} segments (one tenant per segment);
+  prefill  N in {4096, 16384} x S in {1, 64} segments (one tenant per segment), bf16; and
+           fp16 at N = 4096, S = 1;
   punica   Punica's SGMV shape: 4096 -> 11008, r = 16, fp16, 64 tokens of 64 tenants;
   shard_grad  32 layers' fused pool-gradient accumulation into one fp32 pool (N in {512, 4096}).
 Implementations side by side: mos (MOS_EXT_CUDA_PATH = fast and generic), mos on plain-LoRA
@@ -286,6 +287,9 @@ def case_list(dry, which):
                 n = N // 128 if dry else N
                 cases.append(dict(kind="serve", name=f"prefill N={N} S={S}", N=n, S=min(S, n), h=h, o=o, r=r, l=l,
                                   dtype=torch.bfloat16))
+        # fp16 takes the same tensor-core kernel with x split into bf16 hi + lo
+        cases.append(dict(kind="serve", name="prefill fp16 N=4096 S=1", N=4096 // 128 if dry else 4096, S=1, h=h,
+                          o=o, r=r, l=l, dtype=torch.float16))
     if "punica" in which:
         n = 16 if dry else 64
         cases.append(dict(kind="serve", name="punica 4096->11008 r=16 fp16 N=64", N=n, S=n, h=4096 // f,

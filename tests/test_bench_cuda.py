@@ -27,7 +27,7 @@ def test_dry_run_builds_and_checks_every_case(tmp_path):
     res = json.loads(out.read_text())
     cases = {r["case"] for r in res["rows"]}
     want = {"decode N=64", "decode N=256", "decode N=1024", "prefill N=4096 S=1", "prefill N=4096 S=64",
-            "prefill N=16384 S=1", "prefill N=16384 S=64", "punica 4096->11008 r=16 fp16 N=64",
+            "prefill N=16384 S=1", "prefill N=16384 S=64", "prefill fp16 N=4096 S=1", "punica 4096->11008 r=16 fp16 N=64",
             "shard_grad 32 layers N=512", "shard_grad 32 layers N=4096"}
     assert cases == want
     assert all(r["ok"] for r in res["rows"]), [r for r in res["rows"] if not r["ok"]]
