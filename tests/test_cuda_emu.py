@@ -130,7 +130,7 @@ ORACLE = {name: "ref" for name in SHAPES}
 ORACLE["segs3000"] = "cpu"
 
 
-def run_all(E, p, expect_fast, what, oracle="ref"):
+def run_all(E, p, expect_fast, what, oracle="ref", fused_path=None):
     R = reference if oracle == "ref" else _CpuOps
     x, y0 = p["x"], p["y"]
     pa, pb, ia, ib, sc, ip, tn = p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"]
@@ -138,6 +138,8 @@ def run_all(E, p, expect_fast, what, oracle="ref"):
     y = y0.clone() if y0.is_contiguous() else _clone_view(y0)
     E.sgmv(y, x, pa, pb, ia, ib, sc, ip, tn)
     assert E.last_sgmv_path().startswith("fast") == expect_fast, f"{what}: sgmv took {E.last_sgmv_path()!r}"
+    if fused_path is not None:
+        assert E.last_sgmv_path() == fused_path, f"{what}: sgmv took {E.last_sgmv_path()!r}"
     yr = R.sgmv(_clone_view(y0), x, pa, pb, ia, ib, sc, ip, tn)
     close(y, yr, f"{what} sgmv")
     untouched = (yr == y0).all(1)
@@ -201,7 +203,8 @@ def test_grid(E, shape, dtype, aligned):
         p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=dtype,
                     pa=torch.float32 if pa else None, pb=torch.float32 if pb else None,
                     aligned=aligned, seed=11 * k + len(shape))
-        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}", ORACLE[shape])
+        run_all(E, p, aligned, f"{shape} {dtype} pools={pa},{pb} aligned={aligned}", ORACLE[shape],
+                fused_path="fast (tensor-core prefill)" if shape == "prefill" and aligned else None)
 
 
 def test_fallbacks(E):
@@ -247,22 +250,23 @@ def test_nonfinite_padded_rows(E):
     close(y, yr, "nonfinite")
 
 
-@pytest.mark.parametrize("S", [9, 400])
-def test_checks_off_garbage(E, S):
+@pytest.mark.parametrize("S,N,dtype", [(9, 90, torch.bfloat16), (400, 90, torch.bfloat16), (3, 300, torch.float16)])
+def test_checks_off_garbage(E, S, N, dtype):
     """Index checks off: out-of-range table entries, tenants and segment bounds
-    (non-monotone, negative, past N) behave on the fast path exactly as on the CPU."""
+    (non-monotone, negative, past N) behave on the fast path exactly as on the CPU
+    (S = 3, N = 300: the fused op takes the tensor-core prefill kernel)."""
     gen = torch.Generator().manual_seed(S)
-    p = problem(N=90, h=64, l_a=2, o=48, l_b=3, r=8, T=3, S=S, dtype=torch.bfloat16, pa=None, pb=torch.float32,
+    p = problem(N=N, h=64, l_a=2, o=48, l_b=3, r=8, T=3, S=S, dtype=dtype, pa=None, pb=torch.float32,
                 aligned=True, seed=S)
     for k in ("idx_a", "idx_b"):
         m = torch.rand(p[k].shape, generator=gen) < 0.2
         p[k][m] = torch.randint(-4, 200, (int(m.sum()),), generator=gen, dtype=torch.int32)
-    p["ip"] = torch.randint(-5, 98, (S + 1,), generator=gen, dtype=torch.int32)
+    p["ip"] = torch.randint(-5, N + 8, (S + 1,), generator=gen, dtype=torch.int32)
     p["tn"] = torch.randint(-3, 6, (S,), generator=gen, dtype=torch.int32)
     prev = mos_ext.set_index_checks(False)
     E.set_index_checks(False)
     try:
-        run_all(E, p, True, f"garbage S={S}", oracle="cpu")
+        run_all(E, p, True, f"garbage S={S}", oracle="cpu", fused_path="fast (tensor-core prefill)" if S == 3 else None)
     finally:
         mos_ext.set_index_checks(prev)
         E.set_index_checks(True)
