@@ -5,25 +5,9 @@
 namespace mos {
 namespace gpu {
 
-// Every (activation, pool_a, pool_b) combination the op accepts: pools in the
-// activation dtype or float32, independently per side.
-#define MOS_SGMV_INSTANTIATE(XT, PA, PB)                                                                   \
-  template __global__ void sgmv_fused_kernel<XT, PA, PB>(XT*, int64_t, const XT*, int64_t, const float*, \
-                                                         SideArgs, SideArgs, SegArgs);
-MOS_SGMV_INSTANTIATE(float, float, float)
-MOS_SGMV_INSTANTIATE(double, double, double)
-MOS_SGMV_INSTANTIATE(double, float, double)
-MOS_SGMV_INSTANTIATE(double, double, float)
-MOS_SGMV_INSTANTIATE(double, float, float)
-MOS_SGMV_INSTANTIATE(__half, __half, __half)
-MOS_SGMV_INSTANTIATE(__half, float, __half)
-MOS_SGMV_INSTANTIATE(__half, __half, float)
-MOS_SGMV_INSTANTIATE(__half, float, float)
-MOS_SGMV_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
-MOS_SGMV_INSTANTIATE(__nv_bfloat16, float, __nv_bfloat16)
-MOS_SGMV_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
-MOS_SGMV_INSTANTIATE(__nv_bfloat16, float, float)
-#undef MOS_SGMV_INSTANTIATE
+// Every (activation, pool_a, pool_b) combination the op accepts (pools in the
+// activation dtype or float32, independently per side) is instantiated by the
+// dtype dispatch in launch_sgmv; the fast kernels (sgmv_fast.cu) likewise.
 
 namespace {
 

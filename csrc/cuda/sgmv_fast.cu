@@ -8,46 +8,6 @@
 namespace mos {
 namespace gpu {
 
-#define MOS_FAST_INSTANTIATE(XT, PA, PB)                                                                          \
-  template __global__ void sgmv_fast_kernel<XT, PA, PB, kFastFused>(XT*, int64_t, const XT*, int64_t, float*,     \
-                                                                    int64_t, const float*, SideArgs, SideArgs,    \
-                                                                    SegArgs, FastItems);
-MOS_FAST_INSTANTIATE(__half, __half, __half)
-MOS_FAST_INSTANTIATE(__half, float, __half)
-MOS_FAST_INSTANTIATE(__half, __half, float)
-MOS_FAST_INSTANTIATE(__half, float, float)
-MOS_FAST_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
-MOS_FAST_INSTANTIATE(__nv_bfloat16, float, __nv_bfloat16)
-MOS_FAST_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
-MOS_FAST_INSTANTIATE(__nv_bfloat16, float, float)
-#undef MOS_FAST_INSTANTIATE
-// Split halves: the unused side's pool type is fixed to the activation type.
-#define MOS_FAST_INSTANTIATE_HALVES(XT, PT)                                                                        \
-  template __global__ void sgmv_fast_kernel<XT, PT, XT, kFastShrink>(XT*, int64_t, const XT*, int64_t, float*,     \
-                                                                     int64_t, const float*, SideArgs, SideArgs,    \
-                                                                     SegArgs, FastItems);                          \
-  template __global__ void sgmv_fast_kernel<XT, XT, PT, kFastExpand>(XT*, int64_t, const XT*, int64_t, float*,     \
-                                                                     int64_t, const float*, SideArgs, SideArgs,    \
-                                                                     SegArgs, FastItems);
-MOS_FAST_INSTANTIATE_HALVES(__half, __half)
-MOS_FAST_INSTANTIATE_HALVES(__half, float)
-MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, __nv_bfloat16)
-MOS_FAST_INSTANTIATE_HALVES(__nv_bfloat16, float)
-#undef MOS_FAST_INSTANTIATE_HALVES
-
-#define MOS_PREFILL_INSTANTIATE(XT, PA, PB)                                                                     \
-  template __global__ void sgmv_prefill_kernel<XT, PA, PB>(XT*, int64_t, const XT*, int64_t, const float*, SideArgs, \
-                                                           SideArgs, SegArgs, FastItems);
-MOS_PREFILL_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
-MOS_PREFILL_INSTANTIATE(__nv_bfloat16, float, __nv_bfloat16)
-MOS_PREFILL_INSTANTIATE(__nv_bfloat16, __nv_bfloat16, float)
-MOS_PREFILL_INSTANTIATE(__nv_bfloat16, float, float)
-MOS_PREFILL_INSTANTIATE(__half, __half, __half)
-MOS_PREFILL_INSTANTIATE(__half, float, __half)
-MOS_PREFILL_INSTANTIATE(__half, __half, float)
-MOS_PREFILL_INSTANTIATE(__half, float, float)
-#undef MOS_PREFILL_INSTANTIATE
-
 namespace {
 
 constexpr int64_t kInt32Max = 0x7fffffff;
