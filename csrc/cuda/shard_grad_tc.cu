@@ -35,7 +35,8 @@ constexpr int64_t kDetMaxPartBytes = int64_t{1} << 28;
 // enough that chunk * r * h stays within 32-bit indexing (pass 2).
 int64_t det_chunk_items(const Table& t, int64_t bound, int64_t cap) {
   if (cap <= 0) cap = kDetMaxPartBytes;
-  const int64_t per_item = t.r * t.l * t.s;  // floats; the plan ensures 0 < per_item <= INT32_MAX
+  const int64_t per_item = t.r * t.l * t.s;  // floats; the plan ensures per_item <= INT32_MAX
+  if (per_item <= 0) return bound < 1 ? 1 : bound;  // l == 0: nothing to add (the launch returns early)
   int64_t chunk = cap / (per_item * 4);
   if (chunk > kInt32Max / per_item) chunk = kInt32Max / per_item;
   if (chunk > bound) chunk = bound;
