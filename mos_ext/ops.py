@@ -374,10 +374,14 @@ def set_cuda_path(mode: str) -> str:
       rounding the error is at most ``(3 + e) * 2**-16`` times the sum of the absolute
       products, ``e`` = 0 for bf16 ``x`` with bf16 ``pool_a``, 1 for bf16 ``x`` with fp32
       ``pool_a`` or fp16 with fp16, 2 for fp16 ``x`` with fp32 ``pool_a``;
-    * ``shard_grad`` (bf16): tensor cores with ``u`` split into bf16 hi + lo: at most
-      ``2**-16`` relative per product, fp32 sums; ``deterministic=False`` adds with
-      vector atomics (which flush fp32 denormals to zero), ``deterministic=True`` in two
-      passes (per-item partials, then a fixed-order reduction: bitwise reproducible).
+    * ``shard_grad`` (fp16, bf16): tensor cores (bf16 MMAs, fp32 accumulation) with
+      ``u`` split into bf16 hi + lo and fp16 ``x`` split exactly into bf16 hi + lo: at
+      most ``2**-16`` (bf16 ``x``) or ``2**-15`` (fp16 ``x``) relative per product, fp32
+      sums; ``deterministic=False`` adds with vector atomics (which flush fp32 denormals
+      to zero), ``deterministic=True`` in two passes (per-item partials, then a
+      fixed-order reduction: bitwise reproducible), run over chunks of items whose
+      partials fit in ``MOS_EXT_DET_PART_BYTES`` bytes (default 256 MiB, read on every
+      call; the result is reproducible for a given value but depends on it).
     """
     if mode not in _CUDA_PATHS:
         raise ValueError(f"cuda path must be one of {_CUDA_PATHS}, got {mode!r}")

@@ -568,12 +568,13 @@ def test_fast_path_cuda_graph_many_segments(cuda_path, N, S, T, dtype, pools):
 
 
 @pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("N,S,T", [(64, 64, 64), (1000, 3, 2), (900, 400, 7)])
-def test_shard_grad_paths(cuda_path, path, deterministic, N, S, T):
-    """bf16 contiguous rows take the tensor-core shard_grad (both modes) under "fast"."""
+def test_shard_grad_paths(cuda_path, path, dtype, deterministic, N, S, T):
+    """bf16 / fp16 contiguous rows take the tensor-core shard_grad (both modes) under "fast"."""
     cuda_path(path)
-    c = _contiguous_case(N, S, T, torch.bfloat16, seed=N + 2 * S)
+    c = _contiguous_case(N, S, T, dtype, seed=N + 2 * S)
     d = c.to(DEV)
     gen = torch.Generator().manual_seed(N)
     u = torch.randn(N, c.idx_a.shape[1], generator=gen)
@@ -587,3 +588,28 @@ def test_shard_grad_paths(cuda_path, path, deterministic, N, S, T):
         g2 = g0.to(DEV)
         ops.shard_grad(g2, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, True)
         assert torch.equal(g, g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cap", ["1", "200000"])
+def test_shard_grad_deterministic_chunks(cuda_path, monkeypatch, dtype, cap):
+    """Deterministic tensor-core shard_grad with MOS_EXT_DET_PART_BYTES far below the
+    partials of all items: the two passes run over chunks of items ("1": one item per
+    chunk; "200000": a few items of r * h * 4 = 32 KiB each), in order. Agrees with the CPU
+    op and is bitwise reproducible."""
+    cuda_path("fast")
+    monkeypatch.setenv("MOS_EXT_DET_PART_BYTES", cap)
+    c = _contiguous_case(900, 40, 7, dtype, seed=17)
+    d = c.to(DEV)
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randn(900, c.idx_a.shape[1], generator=gen)
+    g0 = torch.randn(c.pool_a.shape, generator=gen)
+    outs = []
+    for _ in range(2):
+        g = g0.to(DEV)
+        ops.shard_grad(g, u.to(DEV), d.x, d.idx_a, d.scale, d.seg_indptr, d.seg_tenant, True)
+        outs.append(g)
+    assert torch.equal(outs[0], outs[1])
+    g_ref = g0.clone()
+    ops.shard_grad(g_ref, u, c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant, False)
+    assert_close(outs[0], g_ref, f"chunked deterministic shard_grad cap={cap}")

@@ -47,11 +47,13 @@ def E():
 
 @pytest.fixture(autouse=True)
 def _path_env():
-    old = os.environ.pop("MOS_EXT_CUDA_PATH", None)
+    names = ("MOS_EXT_CUDA_PATH", "MOS_EXT_DET_PART_BYTES")
+    old = {k: os.environ.pop(k, None) for k in names}
     yield
-    os.environ.pop("MOS_EXT_CUDA_PATH", None)
-    if old is not None:
-        os.environ["MOS_EXT_CUDA_PATH"] = old
+    for k in names:
+        os.environ.pop(k, None)
+        if old[k] is not None:
+            os.environ[k] = old[k]
 
 
 TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -273,7 +275,8 @@ def test_checks_off_garbage(E, S, N, dtype):
 
 
 # ----------------------------------------------------------------------------
-# shard_grad: the tensor-core kernel (bf16, non-deterministic) and its fallbacks
+# shard_grad: the tensor-core kernel (bf16 / fp16, both modes; deterministic mode
+# in chunks of items) and its fallbacks
 
 
 def _grad_problem(N, h, l, r, T, S, dtype, aligned, seed):
@@ -285,25 +288,26 @@ def _grad_problem(N, h, l, r, T, S, dtype, aligned, seed):
     return p, u, g0
 
 
+def _wide_range(x):
+    """Spread x over the activation dtype's exponent range in place: some columns scaled
+    towards its smallest values (fp16: partly subnormal), some towards its largest."""
+    tiny, big = (2.0 ** -18, 2.0 ** 12) if x.dtype == torch.float16 else (2.0 ** -100, 2.0 ** 100)
+    x[:, 0::7] *= tiny
+    x[:, 3::11] *= big
+
+
 def _grad_bound(p, u, g0):
-    """Documented error bound of the tensor-core path, elementwise: 2^-16 relative per
-    product (u split into bf16 hi + lo) plus fp32 summation (a generous 2^-20 relative)."""
+    """Documented error bound of the tensor-core path (shard_grad_tc.cuh), elementwise:
+    per product 2^-16 relative for bf16 x (u split into bf16 hi + lo) and 2^-15 for fp16
+    x (x split exactly into bf16 hi + lo too, u_lo x_lo dropped), plus fp32 summation
+    (a generous 2^-20 relative)."""
+    rel = 2.0 ** -15 if p["x"].dtype == torch.float16 else 2.0 ** -16
     absref = reference.shard_grad(torch.zeros_like(g0, dtype=torch.float64), u.abs().double(), p["x"].abs().double(),
                                   p["idx_a"], p["scale"].abs(), p["ip"], p["tn"])
-    return absref * (2.0 ** -16 + 2.0 ** -20) + 1e-6 * g0.abs().double()
+    return absref * (rel + 2.0 ** -20) + 1e-6 * g0.abs().double()
 
 
-@pytest.mark.parametrize("det", [False, True])
-@pytest.mark.parametrize("N,h,l,r,T,S", [(200, 256, 4, 16, 5, 7), (150, 96, 1, 20, 3, 2), (700, 64, 2, 5, 9, 400)])
-def test_shard_grad_tensor_core(E, N, h, l, r, T, S, det):
-    p, u, g0 = _grad_problem(N, h, l, r, T, S, torch.bfloat16, True, seed=N + S)
-    g = g0.clone()
-    E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
-    assert E.last_sgmv_path() == ("fast (deterministic two-pass)" if det else "fast"), E.last_sgmv_path()
-    if det:  # the fixed-order reduction: bitwise the same on a rerun
-        g2 = g0.clone()
-        E.shard_grad(g2, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
-        assert torch.equal(g, g2)
+def _check_grad(g, p, u, g0):
     ref = reference.shard_grad(g0.double(), u.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"], p["tn"])
     err = (g.double() - ref).abs()
     bound = _grad_bound(p, u, g0)
@@ -312,17 +316,84 @@ def test_shard_grad_tensor_core(E, N, h, l, r, T, S, det):
     assert torch.equal(g[untouched], g0[untouched])
 
 
+def _run_grad(E, p, u, g0, det):
+    g = g0.clone()
+    E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+    return g, E.last_sgmv_path()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("N,h,l,r,T,S", [(200, 256, 4, 16, 5, 7), (150, 96, 1, 20, 3, 2), (700, 64, 2, 5, 9, 400)])
+def test_shard_grad_tensor_core(E, N, h, l, r, T, S, det, dtype):
+    p, u, g0 = _grad_problem(N, h, l, r, T, S, dtype, True, seed=N + S)
+    _wide_range(p["x"])
+    g, path = _run_grad(E, p, u, g0, det)
+    assert path == ("fast (deterministic two-pass)" if det else "fast"), path
+    if det:  # the fixed-order reduction: bitwise the same on a rerun
+        assert torch.equal(g, _run_grad(E, p, u, g0, det)[0])
+    _check_grad(g, p, u, g0)
+
+
+def test_shard_grad_fp16_split_is_exact(E):
+    """fp16 x enters exactly (bf16 hi + lo), so with u exact in bf16 (u_lo = 0) every
+    product is exact and only fp32 summation is left (at most ~63 * 2^-24 < 2^-18 relative
+    within an item, far inside the 2^-15 bound). Dropping x_lo would fail this: it carries
+    up to 2^-9 of x."""
+    p, u, g0 = _grad_problem(130, 128, 2, 8, 3, 3, torch.float16, True, seed=21)
+    _wide_range(p["x"])
+    u = u.bfloat16().float()  # exact in bf16
+    p["scale"] = torch.ones_like(p["scale"])
+    g, path = _run_grad(E, p, u, g0, False)
+    assert path == "fast", path
+    ref = reference.shard_grad(g0.double(), u.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"], p["tn"])
+    absref = reference.shard_grad(torch.zeros_like(g0, dtype=torch.float64), u.abs().double(), p["x"].abs().double(),
+                                  p["idx_a"], p["scale"], p["ip"], p["tn"])
+    err = (g.double() - ref).abs()
+    assert (err <= absref * 2.0 ** -18 + 1e-6 * g0.abs().double()).all(), err.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cap_items", [0, 3])
+@pytest.mark.parametrize("N,h,l,r,T,S", [(200, 256, 4, 16, 5, 7), (700, 64, 2, 5, 9, 400)])
+def test_shard_grad_deterministic_chunks(E, monkeypatch, N, h, l, r, T, S, cap_items, dtype):
+    """MOS_EXT_DET_PART_BYTES below the partials of all items: the two passes run over
+    chunks of items (cap_items items per chunk; 0: a cap under one item's partials, so one
+    item per chunk). Still within the bound and bitwise reproducible."""
+    p, u, g0 = _grad_problem(N, h, l, r, T, S, dtype, True, seed=N + S + 1)
+    per_item = r * h * 4
+    monkeypatch.setenv("MOS_EXT_DET_PART_BYTES", str(cap_items * per_item if cap_items else per_item - 1))
+    g, path = _run_grad(E, p, u, g0, True)
+    assert path == "fast (deterministic two-pass in item chunks)", path
+    assert torch.equal(g, _run_grad(E, p, u, g0, True)[0])
+    _check_grad(g, p, u, g0)
+    monkeypatch.setenv("MOS_EXT_DET_PART_BYTES", str(1 << 40))  # everything in one chunk
+    assert _run_grad(E, p, u, g0, True)[1] == "fast (deterministic two-pass)"
+    for bad in ("0", "-5", "12k", "abc"):
+        monkeypatch.setenv("MOS_EXT_DET_PART_BYTES", bad)
+        with pytest.raises(ValueError, match="MOS_EXT_DET_PART_BYTES"):
+            _run_grad(E, p, u, g0, True)
+
+
 def test_shard_grad_fallbacks(E):
-    for dtype, aligned, det, why in [(torch.float16, True, False, "activations are not bf16"),
+    # fp32 activations and offset rows take the generic kernels (both modes);
+    # fp16 takes the tensor cores
+    for dtype, aligned, det, why in [(torch.float32, True, False, "activations are not fp16/bf16"),
+                                     (torch.float32, True, True, "activations are not fp16/bf16"),
                                      (torch.bfloat16, False, False, "activation rows are not 16-byte aligned"),
-                                     (torch.float16, True, True, "activations are not bf16")]:
+                                     (torch.float16, False, True, "activation rows are not 16-byte aligned"),
+                                     (torch.float16, True, False, "fast"),
+                                     (torch.float16, True, True, "fast (deterministic two-pass)")]:
         p, u, g0 = _grad_problem(60, 64, 2, 8, 3, 4, dtype, aligned, seed=4)
-        g = g0.clone()
-        E.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
-        assert E.last_sgmv_path().startswith(why), E.last_sgmv_path()
-        gc = g0.clone()
-        torch.ops.mos.shard_grad(gc, u, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], False)
-        close(g, gc, f"shard_grad fallback {why}")
+        g, path = _run_grad(E, p, u, g0, det)
+        assert path.startswith(why), (dtype, aligned, det, path)
+        _check_grad(g, p, u, g0)  # the generic kernels are fp32-exact per product: well inside
+    # shard length not a multiple of 8
+    p, u, g0 = _grad_problem(60, 36, 3, 8, 3, 4, torch.float16, True, seed=5)
+    assert _run_grad(E, p, u, g0, True)[1] == "shard length is not a multiple of 8"
+    os.environ["MOS_EXT_CUDA_PATH"] = "generic"
+    p, u, g0 = _grad_problem(60, 64, 2, 8, 3, 4, torch.float16, True, seed=6)
+    assert _run_grad(E, p, u, g0, False)[1] == "MOS_EXT_CUDA_PATH=generic"
 
 
 # ----------------------------------------------------------------------------

@@ -130,8 +130,11 @@ done
 SASS_RULES='
 sgmv_fast_kernel|LDG\.E\.128|LDL STL CALL
 sgmv_prefill_kernel|HMMA\.16816\.F32\.BF16 LDGSTS\.E\.BYPASS\.128 LDGDEPBAR DEPBAR LDG\.E\.128|LDL STL CALL
-shard_grad_tc_kernelILb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
-shard_grad_tc_kernelILb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
+shard_grad_tc_kernelI13__nv_bfloat16Lb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
+shard_grad_tc_kernelI13__nv_bfloat16Lb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
+shard_grad_tc_kernelI6__halfLb0|HMMA\.16816\.F32\.BF16 LDG\.E\.128 REDG\.E\.ADD\.F32x4|LDL STL CALL
+shard_grad_tc_kernelI6__halfLb1|HMMA\.16816\.F32\.BF16 LDG\.E\.128 STG\.E\.128|LDL STL CALL
+shard_grad_det_reduce_kernel||LDL STL CALL
 fast_items_kernel||LDL STL CALL
 '
 

@@ -6,8 +6,9 @@
 Covers: gather_shards; sgmv / sgmv_shrink / sgmv_expand on the fast and the generic
 path (MOS_EXT_CUDA_PATH) for fp32/fp64/fp16/bf16 activations, pools in the activation
 dtype and fp32, mixed ranks with -1 rows, empty and -1 segments, long segments (the
-tensor-core prefill kernel, fp16 and bf16), an unaligned row view (fallback), a rank large enough that the fused kernel needs > 48 KiB of dynamic shared
-memory; shard_grad atomic and deterministic; sharded_lora forward + backward through a
+tensor-core prefill kernel, fp16 and bf16), an unaligned row view (fallback), a rank
+large enough that the fused kernel needs > 48 KiB of dynamic shared memory; shard_grad
+atomic and deterministic (also in chunks of one item); sharded_lora forward + backward through a
 pool-gradient tap; and the checks-off garbage case (out-of-range indices and tenants,
 non-monotone segments). Each output is checked against the CPU ops, so the script also
 fails on a wrong result. Exits 0 when all ran and agreed.
@@ -78,11 +79,17 @@ def run_ops(p, tag, x_view=False):
     ops.sgmv_expand(y, v, d["pb"], d["ib"], d["sc"], *seg)
     close(y, ops.sgmv_expand(p["y"].clone(), vc, p["pb"], p["ib"], p["sc"], *cseg), f"{tag} expand")
     acc = vc.dtype
-    for det in (False, True):
-        g = torch.zeros(p["pa"].shape, dtype=acc, device=DEV)
-        ops.shard_grad(g, v, d["x"], d["ia"], d["sc"], *seg, deterministic=det)
+    # deterministic with MOS_EXT_DET_PART_BYTES=1: the tensor-core two passes one item at a time
+    for det, cap in ((False, None), (True, None), (True, "1")):
+        if cap is not None:
+            os.environ["MOS_EXT_DET_PART_BYTES"] = cap
+        try:
+            g = torch.zeros(p["pa"].shape, dtype=acc, device=DEV)
+            ops.shard_grad(g, v, d["x"], d["ia"], d["sc"], *seg, deterministic=det)
+        finally:
+            os.environ.pop("MOS_EXT_DET_PART_BYTES", None)
         gc = ops.shard_grad(torch.zeros(p["pa"].shape, dtype=acc), vc, p["x"], p["ia"], p["sc"], *cseg)
-        close(g, gc, f"{tag} shard_grad det={det}")
+        close(g, gc, f"{tag} shard_grad det={det} part cap={cap}")
     close(ops.gather_shards(d["pa"], d["ia"]), ops.gather_shards(p["pa"], p["ia"]), f"{tag} gather_shards")
 
 

@@ -57,6 +57,8 @@ cudaError_t opt_in_smem(K kernel, size_t dyn, size_t static_bytes = 0) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn));
 }
 
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // Ceil division and grid-dimension caps (grids depend on shapes only).
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned cap_grid_x(int64_t v) { return static_cast<unsigned>(v < 0x7fffffff ? v : 0x7fffffff); }

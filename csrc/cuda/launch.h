@@ -120,16 +120,20 @@ cudaError_t launch_sgmv_prefill(void* y, int64_t y_stride, const void* x, int64_
                                 const Table& b, const float* scale, const Segments& seg, void* workspace,
                                 cudaStream_t stream);
 
-// shard_grad: the tensor-core kernels (shard_grad_tc.cuh) for bf16 activations,
-// shard lengths multiple of 8, 16-byte aligned x rows and grad; otherwise
-// launch_shard_grad. deterministic = true: two passes (per-item partials in the
-// workspace, then a fixed-order reduction; bitwise reproducible) while the
-// partials fit in 256 MiB, else the generic owner kernel. Same plan type as sgmv.
+// shard_grad: the tensor-core kernels (shard_grad_tc.cuh) for fp16 / bf16
+// activations, shard lengths multiple of 8, 16-byte aligned x rows and grad,
+// 32-bit dimensions; otherwise launch_shard_grad. deterministic = true: two
+// passes (per-item partials in the workspace, then a fixed-order reduction;
+// bitwise reproducible), run over consecutive chunks of items whose partials
+// fit in det_part_bytes (<= 0: 256 MiB; at least one item per chunk). The
+// workspace holds one chunk. Same plan type as sgmv; launch_shard_grad_fast
+// must get the plan's arguments (the chunk size is recomputed from them).
 SgmvPlan plan_shard_grad(CudaPath mode, DType act, const void* x, int64_t x_stride, const void* grad,
-                         const Table& t, const Segments& seg, bool deterministic);
+                         const Table& t, const Segments& seg, bool deterministic, int64_t det_part_bytes);
 cudaError_t launch_shard_grad_fast(void* grad, const void* u, int64_t u_stride, const void* x, int64_t x_stride,
-                                   const Table& table, const float* scale, const Segments& seg, bool deterministic,
-                                   void* workspace, cudaStream_t stream);
+                                   DType act, const Table& table, const float* scale, const Segments& seg,
+                                   bool deterministic, int64_t det_part_bytes, void* workspace,
+                                   cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace mos

@@ -7,10 +7,11 @@
 // only: dtypes, shapes, strides, alignment) whether the fast kernels
 // (sgmv_fast.cuh) can run, honouring MOS_EXT_CUDA_PATH; otherwise the generic
 // kernels run; shard_grad asks gpu::plan_shard_grad likewise (tensor cores for
-// bf16). With more than 256 segments the fast paths take a small workspace
-// (16 * S + 4 * items bytes) from the caching allocator; deterministic
-// shard_grad on tensor cores also takes its per-item partials (items * r * h
-// fp32, at most 256 MiB, else the generic owner kernel runs).
+// fp16 / bf16). With more than 256 segments the fast paths take a small
+// workspace (16 * S + 4 * items bytes) from the caching allocator;
+// deterministic shard_grad on tensor cores also takes the per-item partials of
+// one chunk of items (chunk * r * h fp32, at most MOS_EXT_DET_PART_BYTES,
+// default 256 MiB, or one item's if that is larger) and runs chunk by chunk.
 //
 // Nothing here synchronizes or allocates beyond the op's own output (v of
 // sgmv_shrink, out of gather_shards) and that workspace when index checks are off, so a serving
@@ -24,6 +25,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -77,6 +79,21 @@ CudaPath cuda_path() {
   if (std::strcmp(e, "generic") == 0) return CudaPath::Generic;
   if (std::strcmp(e, "fast") == 0) return CudaPath::Fast;
   TORCH_CHECK_VALUE(false, "MOS_EXT_CUDA_PATH must be auto, generic or fast, got '", e, "'");
+}
+
+// MOS_EXT_DET_PART_BYTES (bytes; unset or empty = the default, 256 MiB): the
+// cap on the per-item partials deterministic tensor-core shard_grad keeps per
+// chunk of items. Read on every call. Smaller caps mean more, smaller chunks
+// (the result is bitwise reproducible for a given cap, but depends on it).
+int64_t det_part_bytes() {
+  const char* e = std::getenv("MOS_EXT_DET_PART_BYTES");
+  if (e == nullptr || *e == '\0') return 0;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(e, &end, 10);
+  TORCH_CHECK_VALUE(end != e && *end == '\0' && errno == 0 && v > 0,
+                    "MOS_EXT_DET_PART_BYTES must be a positive number of bytes, got '", e, "'");
+  return static_cast<int64_t>(v);
 }
 
 // Device scratch of a fast launch (the segment -> item map), from the caching
@@ -215,13 +232,14 @@ void shard_grad_cuda(const at::Tensor& grad_pool, const at::Tensor& u, const at:
   t.r = d.r;
   const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), d.T);
   const DType act = to_dtype(x.scalar_type());
-  const SgmvPlan plan =
-      plan_shard_grad(cuda_path(), act, x.data_ptr(), x.stride(0), grad_pool.data_ptr(), t, seg, deterministic);
+  const int64_t cap = deterministic ? det_part_bytes() : 0;
+  const SgmvPlan plan = plan_shard_grad(cuda_path(), act, x.data_ptr(), x.stride(0), grad_pool.data_ptr(), t, seg,
+                                        deterministic, cap);
   g_last_path = plan.reason;
   if (plan.fast) {
     const at::Tensor ws = fast_workspace(plan, x);
     C10_CUDA_CHECK(launch_shard_grad_fast(grad_pool.data_ptr(), u.data_ptr(), u.stride(0), x.data_ptr(), x.stride(0),
-                                          t, scale.data_ptr<float>(), seg, deterministic, ws_ptr(ws),
+                                          act, t, scale.data_ptr<float>(), seg, deterministic, cap, ws_ptr(ws),
                                           current_stream()));
     return;
   }

@@ -2,6 +2,7 @@
 // from dtypes, shapes, strides and pointer alignment only (no device reads, so
 // capture-safe), and the launchers.
 #include "dispatch.cuh"
+#include "items_prepass.cuh"
 #include "sgmv_fast.cuh"
 #include "sgmv_prefill.cuh"
 
@@ -13,7 +14,6 @@ namespace {
 constexpr int64_t kInt32Max = 0x7fffffff;
 constexpr int64_t kFastTargetBlocks = 256;  // fused: split output columns below this many items
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Why a side cannot take the fast path (nullptr: it can).
 const char* side_blocker(DType act, const Table& t, bool needs_smem_rank) {
@@ -29,18 +29,6 @@ const char* side_blocker(DType act, const Table& t, bool needs_smem_rank) {
 const char* rows_blocker(const void* p, int64_t stride) {
   if (!aligned16(p) || stride % 8 != 0) return "activation rows are not 16-byte aligned (offset view or odd stride)";
   return nullptr;
-}
-
-// Segment pre-pass (S > kFastInlineSegments) for items of BM tokens.
-cudaError_t items_prepass(const SegArgs& sg, int BM, void* workspace, FastItems& fi, cudaStream_t stream) {
-  if (sg.S <= kFastInlineSegments) return cudaSuccess;
-  if (workspace == nullptr || !aligned16(workspace)) return cudaErrorInvalidValue;
-  int4* meta = static_cast<int4*>(workspace);
-  int32_t* item_seg = reinterpret_cast<int32_t*>(meta + sg.S);
-  fast_items_kernel<kItemsBlock><<<1, kItemsBlock, 0, stream>>>(meta, item_seg, item_bound(sg.N, sg.S, BM), sg, BM);
-  fi.meta = meta;
-  fi.item_seg = item_seg;
-  return cudaGetLastError();
 }
 
 template <typename XT, typename PA, typename PB, int MODE>
@@ -118,10 +106,7 @@ SgmvPlan plan_sgmv(CudaPath mode, SgmvKind kind, DType act, const void* x, int64
   plan.prefill = plan.fast && kind == SgmvKind::Fused && a->r <= kPfMaxRank &&
                  seg.N >= kPfM && seg.N >= 32 * seg.S;
   if (plan.prefill) plan.reason = "fast (tensor-core prefill)";
-  if (plan.fast && seg.S > kFastInlineSegments) {
-    const int64_t bound = item_bound(seg.N < kInt32Max ? seg.N : kInt32Max, seg.S, plan.prefill ? kPfM : kFastBM);
-    plan.workspace_bytes = static_cast<size_t>(16 * seg.S + 4 * (bound > 0 ? bound : 0));
-  }
+  if (plan.fast) plan.workspace_bytes = items_prepass_bytes(seg.S, seg.N, plan.prefill ? kPfM : kFastBM);
   return plan;
 }
 
