@@ -123,8 +123,11 @@ __global__ void __launch_bounds__(kTcThreads)
     sm.u_lo[jj * kTcLdU + nn] = __float2bfloat16_rn(v - __bfloat162float(hi));
   }
   // x tile [nn][cc], 8 columns per 16-byte load (h is a multiple of 8); fp16
-  // values are split exactly into bf16 hi + lo.
-  for (int e = tid; e < kTcTM * (kTcCols / 8); e += kTcThreads) {
+  // values are split exactly into bf16 hi + lo. Unrolled: all loads in flight.
+  static_assert(kTcTM * (kTcCols / 8) % kTcThreads == 0, "whole x-tile groups per thread");
+#pragma unroll
+  for (int g = 0; g < kTcTM * (kTcCols / 8) / kTcThreads; ++g) {
+    const int e = tid + g * kTcThreads;
     const int nn = e / (kTcCols / 8), cc = (e % (kTcCols / 8)) * 8;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (nn < m && c0 + cc < h) v = ld16_nc(x + static_cast<int64_t>(it.n0 + nn) * x_stride + c0 + cc);
