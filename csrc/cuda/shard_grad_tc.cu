@@ -6,20 +6,6 @@
 
 namespace mos {
 namespace gpu {
-#define MOS_SHARD_GRAD_TC_INSTANTIATE(XT, DET)                                                                    \
-  template __global__ void shard_grad_tc_kernel<XT, DET>(float*, const float*, int64_t, const XT*, int64_t,       \
-                                                         const float*, SideArgs, SegArgs, FastItems, int, float*, \
-                                                         int32_t*);
-MOS_SHARD_GRAD_TC_INSTANTIATE(__nv_bfloat16, false)
-MOS_SHARD_GRAD_TC_INSTANTIATE(__nv_bfloat16, true)
-MOS_SHARD_GRAD_TC_INSTANTIATE(__half, false)
-MOS_SHARD_GRAD_TC_INSTANTIATE(__half, true)
-#undef MOS_SHARD_GRAD_TC_INSTANTIATE
-}  // namespace gpu
-}  // namespace mos
-
-namespace mos {
-namespace gpu {
 
 namespace {
 constexpr int64_t kInt32Max = 0x7fffffff;
