@@ -372,8 +372,9 @@ def set_cuda_path(mode: str) -> str:
       through shared memory with ``cp.async``. Operands that are not bf16 are split into
       bf16 hi + lo (fp16 exactly, fp32 to ~16 bits), and so is ``v``; before ``y``'s one
       rounding the error is at most ``(3 + e) * 2**-16`` times the sum of the absolute
-      products, ``e`` = 0 for bf16 ``x`` with bf16 ``pool_a``, 1 for bf16 ``x`` with fp32
-      ``pool_a`` or fp16 with fp16, 2 for fp16 ``x`` with fp32 ``pool_a``;
+      products (plus fp32 accumulation error), ``e`` = 0 for bf16 ``x`` with bf16
+      ``pool_a``, 1 for bf16 ``x`` with fp32 ``pool_a`` or fp16 with fp16, 2 for fp16 ``x``
+      with fp32 ``pool_a``;
     * ``shard_grad`` (fp16, bf16): tensor cores (bf16 MMAs, fp32 accumulation) with
       ``u`` split into bf16 hi + lo and fp16 ``x`` split exactly into bf16 hi + lo: at
       most ``2**-16`` (bf16 ``x``) or ``2**-15`` (fp16 ``x``) relative per product, fp32
