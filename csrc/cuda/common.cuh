@@ -164,6 +164,21 @@ __host__ __device__ inline int64_t item_bound(int64_t N, int64_t S, int BM) {
   return b < N ? b : N;
 }
 
+// One chunk of segments tiled into items of at most BM tokens: this thread's
+// segment (segment_chunk), its item count (0 for tenant -1 or no tokens), the
+// inclusive count over the chunk up to it, and the chunk's total.
+struct ChunkItems {
+  int n0, n1, t, cnt, incl, total;
+};
+template <int NT>
+__device__ __forceinline__ ChunkItems chunk_items(const SegArgs& sg, int64_t g0, int& carry, int* wbuf, int BM) {
+  ChunkItems c;
+  segment_chunk<NT>(sg, g0, carry, wbuf, c.n0, c.n1, c.t);
+  c.cnt = (c.t >= 0 && c.n1 > c.n0) ? (c.n1 - c.n0 + BM - 1) / BM : 0;
+  c.incl = block_inclusive_scan<NT, OpSum>(c.cnt, wbuf, &c.total);
+  return c;
+}
+
 // The item-th item (0-based, in segment order) of tiles of at most BM tokens.
 // Every thread of the block must call; all get the same answer.
 template <int NT>
@@ -174,17 +189,13 @@ __device__ ItemInfo locate_item(const SegArgs& sg, int64_t item, int BM) {
   int carry = 0;        // max(0, indptr[0..g0-1])
   int64_t before = 0;   // items in segments [0, g0)
   for (int64_t g0 = 0; g0 < sg.S; g0 += NT) {
-    int n0, n1, t;
-    segment_chunk<NT>(sg, g0, carry, wbuf, n0, n1, t);
-    const int cnt = (t >= 0 && n1 > n0) ? (n1 - n0 + BM - 1) / BM : 0;
-    int chunk_items;
-    const int incl = block_inclusive_scan<NT, OpSum>(cnt, wbuf, &chunk_items);
-    const int64_t first = before + (incl - cnt);
-    if (cnt > 0 && item >= first && item < first + cnt) {
-      const int b = n0 + static_cast<int>(item - first) * BM;
-      found = ItemInfo{b, min(b + BM, n1), t};  // exactly one thread writes
+    const ChunkItems c = chunk_items<NT>(sg, g0, carry, wbuf, BM);
+    const int64_t first = before + (c.incl - c.cnt);
+    if (c.cnt > 0 && item >= first && item < first + c.cnt) {
+      const int b = c.n0 + static_cast<int>(item - first) * BM;
+      found = ItemInfo{b, min(b + BM, c.n1), c.t};  // exactly one thread writes
     }
-    before += chunk_items;
+    before += c.total;
     // Uniform exits: found, or no later segment has tokens (carry == N).
     if (item < before || carry >= sg.N) break;
   }

@@ -65,17 +65,13 @@ __global__ void __launch_bounds__(NT)
   int carry = 0;
   int before = 0;  // items in earlier chunks (at most N, fits int32)
   for (int64_t g0 = 0; g0 < sg.S; g0 += kItemsThreads) {
-    int n0, n1, t;
-    segment_chunk<kItemsThreads>(sg, g0, carry, wbuf, n0, n1, t);
-    const int cnt = (t >= 0 && n1 > n0) ? (n1 - n0 + BM - 1) / BM : 0;
-    int chunk_items;
-    const int incl = block_inclusive_scan<kItemsThreads, OpSum>(cnt, wbuf, &chunk_items);
+    const ChunkItems c = chunk_items<kItemsThreads>(sg, g0, carry, wbuf, BM);
     const int64_t g = g0 + tid;
-    if (g < sg.S) meta[g] = make_int4(n0, n1, t, before + incl - cnt);
-    incl_s[tid] = incl;
+    if (g < sg.S) meta[g] = make_int4(c.n0, c.n1, c.t, before + c.incl - c.cnt);
+    incl_s[tid] = c.incl;
     __syncthreads();
     // Item e of this chunk belongs to the first segment whose inclusive count exceeds e.
-    for (int e = tid; e < chunk_items; e += kItemsThreads) {
+    for (int e = tid; e < c.total; e += kItemsThreads) {
       int lo = 0, hi = kItemsThreads - 1;
       while (lo < hi) {
         const int mid = (lo + hi) >> 1;
@@ -83,7 +79,7 @@ __global__ void __launch_bounds__(NT)
       }
       item_seg[before + e] = static_cast<int32_t>(g0 + lo);
     }
-    before += chunk_items;
+    before += c.total;
     // The next chunk's scans start with __syncthreads before incl_s is rewritten.
   }
   for (int64_t e = before + tid; e < bound; e += kItemsThreads) item_seg[e] = -1;

@@ -127,18 +127,6 @@ __device__ __forceinline__ void gather8_async(PT* dst, const PT* __restrict__ po
   if (sizeof(PT) == 4) cp_async16(dst + 4, src + 4, ok);
 }
 
-// 8 elements of T in shared memory -> float.
-template <typename T>
-__device__ __forceinline__ void smem8(const T* p, float* f) {
-  unpack8<T>(*reinterpret_cast<const uint4*>(p), f);
-}
-template <>
-__device__ __forceinline__ void smem8<float>(const float* p, float* f) {
-  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-
 // Converts rows [0, rows) x cols of a landed stage (T, row stride ld_src) into
 // bf16 hi / lo buffers (row stride ld_dst), 8 columns per thread step.
 template <typename T>
@@ -148,7 +136,7 @@ __device__ __forceinline__ void split_stage(const T* src, int ld_src, __nv_bfloa
   for (int e = threadIdx.x; e < rows * groups; e += kPfThreads) {
     const int row = e / groups, cc = (e % groups) * 8;
     float f[8];
-    smem8<T>(src + row * ld_src + cc, f);
+    load8<T, false>(src + row * ld_src + cc, f);  // shared memory
     split_bf16x8(f, hi + row * ld_dst + cc, lo + row * ld_dst + cc, true);
   }
 }

@@ -3,8 +3,8 @@
 //  * ld16_nc / ld16 / st16: one 16-byte global access (LDG.E.128 / STG.E.128);
 //    the pointer must be 16-byte aligned (the host dispatch guarantees it; the
 //    emulator asserts it);
-//  * load8<T>: 8 consecutive elements of T (bf16 / fp16: one 16-byte load;
-//    fp32: two) converted to float;
+//  * load8<T, NC>: 8 consecutive elements of T (bf16 / fp16: one 16-byte load;
+//    fp32: two) converted to float; NC = false for shared memory;
 //  * pack8 / unpack8: 8 bf16 / fp16 values <-> uint4, rounding once (RNE);
 //  * warp_sum: butterfly reduction over the 32 lanes (every lane gets the sum);
 //  * split_bf16x8: 8 floats -> bf16 hi = bf16(f) and lo = bf16(f - hi) (the
@@ -15,6 +15,8 @@
 //    still in flight. The emulator defers each copy until the wait that
 //    covers it, so a missing wait reads stale shared memory there as well.
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -82,17 +84,20 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-template <typename T>
+// NC = true: read-only global data through the non-coherent path (x, pools);
+// NC = false: a plain load (shared memory).
+template <typename T, bool NC = true>
 __device__ __forceinline__ void load8(const T* p, float* f) {
-  unpack8<T>(ld16_nc(p), f);
-}
-template <>
-__device__ __forceinline__ void load8<float>(const float* p, float* f) {
-  const uint4 a = ld16_nc(p), b = ld16_nc(p + 4);
-  f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y);
-  f[2] = __uint_as_float(a.z); f[3] = __uint_as_float(a.w);
-  f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
-  f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
+  auto ld = [](const void* q) { if constexpr (NC) return ld16_nc(q); else return ld16(q); };
+  if constexpr (std::is_same<T, float>::value) {
+    const uint4 a = ld(p), b = ld(p + 4);
+    f[0] = __uint_as_float(a.x); f[1] = __uint_as_float(a.y);
+    f[2] = __uint_as_float(a.z); f[3] = __uint_as_float(a.w);
+    f[4] = __uint_as_float(b.x); f[5] = __uint_as_float(b.y);
+    f[6] = __uint_as_float(b.z); f[7] = __uint_as_float(b.w);
+  } else {
+    unpack8<T>(ld(p), f);
+  }
 }
 
 // hi = bf16(f) (RNE), lo = bf16(f - hi): |f - hi - lo| <= 2^-8 |f - hi| <= 2^-16 |f|
