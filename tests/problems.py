@@ -102,6 +102,33 @@ def make_table(T: int, r: int, l: int, P: int, gen: torch.Generator, ranks=None,
     return idx
 
 
+def random_segments(N: int, T: int, S: int, gen: torch.Generator, full_p: float = 0.5, empty_every: int = 4):
+    """seg_indptr [S+1], seg_tenant [S] (int32) for the kernel tests: random lengths, every
+    ``empty_every``-th segment empty, ~20% tenants -1, and with probability 1 - ``full_p`` a
+    tail of tokens outside every segment."""
+    covered = N if torch.rand(1, generator=gen).item() < full_p else int(torch.randint(0, N + 1, (1,), generator=gen))
+    if S == 0:
+        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    ptr = split_points(covered, S, gen)
+    for g in range(1, S, empty_every):
+        ptr[g] = ptr[g - 1]
+    ptr = sorted(ptr)
+    ten = torch.randint(0, T, (S,), generator=gen)
+    ten[torch.rand(S, generator=gen) < 0.2] = -1
+    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
+
+
+def mixed_rank_table(T: int, r: int, l: int, P: int, gen: torch.Generator):
+    """idx [T, r, l] int32 into P rows (repeats allowed); tenant t keeps a random rank in
+    [0, r] (the full rank for about half the tenants) and pads the other rows with -1."""
+    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
+    ranks = torch.randint(0, r + 1, (T,), generator=gen)
+    ranks[torch.rand(T, generator=gen) < 0.5] = r
+    for t in range(T):
+        idx[t, int(ranks[t]):] = -1
+    return idx
+
+
 @dataclasses.dataclass
 class Problem:
     x: torch.Tensor

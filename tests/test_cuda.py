@@ -23,7 +23,7 @@ import torch
 
 import mos_ext
 from mos_ext import ops
-from problems import capture_graph
+from problems import capture_graph, mixed_rank_table, random_segments
 
 
 def _cuda_ready() -> bool:
@@ -116,33 +116,6 @@ def _strided_like(t, device):
     return out
 
 
-def make_segments(N, T, S, gen):
-    """seg_indptr [S+1], seg_tenant [S]: random lengths (some empty), ~20% tenants -1,
-    sometimes a tail of tokens outside every segment."""
-    covered = N if torch.rand(1, generator=gen).item() < 0.5 else int(torch.randint(0, N + 1, (1,), generator=gen))
-    if S == 0:
-        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
-    cuts = sorted(torch.randint(0, covered + 1, (S - 1,), generator=gen).tolist())
-    ptr = [0] + cuts + [covered]
-    for g in range(1, S, 4):  # force a few empty segments
-        ptr[g] = ptr[g - 1]
-    ptr = sorted(ptr)
-    ten = torch.randint(0, T, (S,), generator=gen)
-    ten[torch.rand(S, generator=gen) < 0.2] = -1
-    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
-
-
-def make_table(T, r, l, P, gen):
-    """idx [T, r, l] into P rows (repeats when P is small); tenant t keeps a random
-    rank in [0, r] and pads the other rank rows with -1."""
-    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
-    ranks = torch.randint(0, r + 1, (T,), generator=gen)
-    ranks[torch.rand(T, generator=gen) < 0.5] = r
-    for t in range(T):
-        idx[t, int(ranks[t]):] = -1
-    return idx
-
-
 def make_case(*, N, h, l_a, o, l_b, r, T, S, dtype, pool_a_dtype=None, pool_b_dtype=None, pool_rows=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     assert h % l_a == 0 and o % l_b == 0
@@ -153,11 +126,11 @@ def make_case(*, N, h, l_a, o, l_b, r, T, S, dtype, pool_a_dtype=None, pool_b_dt
     y = _strided(N, o, dtype, gen)
     pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / max(h, 1) ** 0.5).to(pool_a_dtype or dtype)
     pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / max(r, 1) ** 0.5).to(pool_b_dtype or dtype)
-    idx_a = make_table(T, r, l_a, P_a, gen)
-    idx_b = make_table(T, r, l_b, P_b, gen)
+    idx_a = mixed_rank_table(T, r, l_a, P_a, gen)
+    idx_b = mixed_rank_table(T, r, l_b, P_b, gen)
     idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1  # a padded rank row is padded on both sides
     scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).to(torch.float32)
-    seg_indptr, seg_tenant = make_segments(N, T, S, gen)
+    seg_indptr, seg_tenant = random_segments(N, T, S, gen)
     return Case(x, y, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
 
 
@@ -396,27 +369,33 @@ def test_checks_off_invalid_values_match_cpu(dtype):
 # CUDA graphs, torch.compile, devices
 
 
+def _sgmv_graph_matches_eager(d, y0):
+    """sgmv eagerly, then captured in a graph and replayed from ``y0``: bitwise equal.
+    Returns the graph and its static output, for replays on new inputs."""
+    y_eager = y0.clone()
+    ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
+    y_static = y0.clone()
+    graph = capture_graph(lambda: ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale,
+                                           d.seg_indptr, d.seg_tenant))
+    y_static.copy_(y0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, y_eager)
+    return graph, y_static
+
+
 def test_sgmv_cuda_graph_replay_matches_eager():
     c = case("h444_l4", torch.bfloat16, pool_a_dtype=torch.float32, seed=9)
     d = c.to(DEV)
     y0 = d.y.clone()
     with mos_ext.index_checks(False):
-        # eager
-        y_eager = y0.clone()
-        ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        y_static = y0.clone()
-        graph = capture_graph(lambda: ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale,
-                                               d.seg_indptr, d.seg_tenant))
-        y_static.copy_(y0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_static, y_eager)
+        graph, y_static = _sgmv_graph_matches_eager(d, y0)
 
         # New inputs of the same shapes (activations, segments, tenants): the
         # graph reads the current values (nothing was baked in at capture).
         gen = torch.Generator().manual_seed(15)
         N, T, S = c.x.shape[0], c.idx_a.shape[0], c.seg_tenant.numel()
-        ip, tn = make_segments(N, T, S, gen)
+        ip, tn = random_segments(N, T, S, gen)
         d.x.copy_(torch.randn(c.x.shape, generator=gen).to(d.x.dtype))
         d.seg_indptr.copy_(ip)
         d.seg_tenant.copy_(tn)
@@ -556,15 +535,7 @@ def test_fast_path_cuda_graph_many_segments(cuda_path, N, S, T, dtype, pools):
     d = c.to(DEV)
     y0 = d.y.clone()
     with mos_ext.index_checks(False):
-        y_eager = y0.clone()
-        ops.sgmv(y_eager, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale, d.seg_indptr, d.seg_tenant)
-        y_static = y0.clone()
-        graph = capture_graph(lambda: ops.sgmv(y_static, d.x, d.pool_a, d.pool_b, d.idx_a, d.idx_b, d.scale,
-                                               d.seg_indptr, d.seg_tenant))
-        y_static.copy_(y0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y_static, y_eager)
+        _sgmv_graph_matches_eager(d, y0)
 
 
 @pytest.mark.parametrize("path", ["fast", "generic"])

@@ -24,6 +24,7 @@ import torch
 
 import mos_ext
 from mos_ext import reference
+from problems import mixed_rank_table, random_segments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_DIR = os.path.join(HERE, "..", "tools", "cuda_emu")
@@ -77,31 +78,6 @@ def rows(n, w, dtype, gen, aligned):
     return base[:, 1:w + 1]
 
 
-def segments(N, T, S, gen, empties=True):
-    if S == 0:
-        return torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
-    covered = N if torch.rand(1, generator=gen).item() < 0.6 else int(torch.randint(0, N + 1, (1,), generator=gen))
-    cuts = sorted(torch.randint(0, covered + 1, (S - 1,), generator=gen).tolist())
-    ptr = [0] + cuts + [covered]
-    if empties:
-        for g in range(1, S, 5):
-            ptr[g] = ptr[g - 1]
-    ptr = sorted(ptr)
-    ten = torch.randint(0, T, (S,), generator=gen)
-    ten[torch.rand(S, generator=gen) < 0.2] = -1
-    return torch.tensor(ptr, dtype=torch.int32), ten.to(torch.int32)
-
-
-def table(T, r, l, P, gen):
-    """Mixed ranks: tenant t keeps a random rank and pads the rest with -1."""
-    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
-    ranks = torch.randint(0, r + 1, (T,), generator=gen)
-    ranks[torch.rand(T, generator=gen) < 0.5] = r
-    for t in range(T):
-        idx[t, int(ranks[t]):] = -1
-    return idx
-
-
 def problem(*, N, h, l_a, o, l_b, r, T, S, dtype, pa, pb, aligned, seed):
     gen = torch.Generator().manual_seed(seed)
     s_a, s_b = h // l_a, o // l_b
@@ -110,10 +86,10 @@ def problem(*, N, h, l_a, o, l_b, r, T, S, dtype, pa, pb, aligned, seed):
     y = rows(N, o, dtype, gen, aligned)
     pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
     pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
-    idx_a, idx_b = table(T, r, l_a, P_a, gen), table(T, r, l_b, P_b, gen)
+    idx_a, idx_b = mixed_rank_table(T, r, l_a, P_a, gen), mixed_rank_table(T, r, l_b, P_b, gen)
     idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
     scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).float()
-    ip, tn = segments(N, T, S, gen)
+    ip, tn = random_segments(N, T, S, gen, full_p=0.6, empty_every=5)
     return dict(x=x, y=y, pool_a=pool_a, pool_b=pool_b, idx_a=idx_a, idx_b=idx_b, scale=scale, ip=ip, tn=tn)
 
 
