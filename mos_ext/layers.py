@@ -6,6 +6,7 @@ adapter); a layer holds, per adapter, its int32 index tables ``mos_idx_a[name] [
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -138,15 +139,13 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         if xs.shape[-1] > 1 and xs.stride(-1) != 1:
             xs = xs.contiguous()
         ip, tn = single_segment(xs.shape[0], xs.device)
-        args = (xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
-                self._scale_tensor(adapter_name, xs.device), ip, tn)
-        if self.mos_deterministic.get(adapter_name, False):  # MoSConfig.deterministic: captured for the backward
-            from . import deterministic_grads
-
-            with deterministic_grads(True):
-                d = ops.sharded_lora(*args)
-        else:
-            d = ops.sharded_lora(*args)
+        # MoSConfig.deterministic: held on through this call, so its backward is deterministic too
+        det = self.mos_deterministic.get(adapter_name, False)
+        if det:
+            from . import deterministic_grads  # the package's switch (imported late: it imports this module)
+        with deterministic_grads(True) if det else contextlib.nullcontext():
+            d = ops.sharded_lora(xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
+                                 self._scale_tensor(adapter_name, xs.device), ip, tn)
         return d.reshape(*lead, self.out_features).to(act)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

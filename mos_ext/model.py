@@ -113,8 +113,10 @@ class MoSModel(BaseTuner):
                                  f"reused for another model architecture needs type_layers=None)")
         # every check before anything is created: a refused adapter leaves the model as it was
         saved = getattr(cfg, "saved_dims", None) or {}
+        firsts = {t: _base(self.model.get_submodule(group[0])) for t, group in types.items()}
+        dims = {t: base_dims(m) for t, m in firsts.items()}
         for t, group in types.items():
-            h, o, _ = base_dims(_base(self.model.get_submodule(group[0])))
+            h, o, _ = dims[t]
             cfg.check_type(t, h, o, len(group))
             if t in saved and tuple(saved[t]) != (h, o):
                 raise ValueError(f"this adapter was saved for {t} layers of in/out features {tuple(saved[t])}; this "
@@ -131,8 +133,8 @@ class MoSModel(BaseTuner):
         gen = torch.Generator().manual_seed(cfg.seed)
         plan = {"layers": {}, "types": types}
         for t, group in types.items():
-            h, o, kind = base_dims(_base(self.model.get_submodule(group[0])))
-            w = getattr(_base(self.model.get_submodule(group[0])), "weight", None)
+            h, o, kind = dims[t]
+            w = getattr(firsts[t], "weight", None)
             dtype = w.dtype if (kind != "bnb" and w is not None and w.is_floating_point()) else torch.float32
             a, b = init_pools(cfg, h, o, len(group), gen=gen, dtype=dtype, device=device)
             ia, ib = sample_tables(cfg, h, o, len(group), gen)
