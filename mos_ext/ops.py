@@ -165,9 +165,12 @@ def pool_grad_tap(pool: torch.Tensor) -> torch.Tensor:
     when no gradient is needed (grad mode off, ``pool.requires_grad`` False) or under
     ``torch.compile`` (the tap is an eager autograd node).
     """
-    if not (torch.is_grad_enabled() and pool.requires_grad) or _compiling():
-        return pool
-    return _C.pool_grad_tap(pool)
+    return _C.pool_grad_tap(pool) if _wants_tap(pool) else pool
+
+
+def _wants_tap(pool: torch.Tensor) -> bool:
+    """A tap only where it can collect a gradient: grad mode on, a pool that needs one, eager."""
+    return torch.is_grad_enabled() and pool.requires_grad and not _compiling()
 
 
 def _compiling() -> bool:
@@ -194,7 +197,7 @@ class PoolGradTaps:
         self._owners = set()
 
     def __call__(self, pool: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and pool.requires_grad) or _compiling():
+        if not _wants_tap(pool):
             return pool
         hit = self._taps.get(id(pool))
         if hit is not None and hit[0] is pool:
