@@ -2,8 +2,10 @@
 2 CPU processes) and FSDP2 giving the pool gradients and optimizer step of one process on the
 whole batch."""
 import datetime
+import faulthandler
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -83,6 +85,7 @@ def test_gradient_checkpointing_same_grads():
 
 
 DIST_DEADLINE_S = 300  # each run takes ~10 s on an idle 2-core machine
+TEARDOWN_GRACE_S = 60  # after both ranks saved their results, for gloo's teardown
 
 
 def _init_b(model):
@@ -103,6 +106,7 @@ def _dist_worker(rank, world, out_dir, mode):
     # a file rendezvous (no port to race for) and gloo on loopback, bounded in time
     dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    finished = False
     try:
         stage("build")
         model = _init_b(build())
@@ -129,8 +133,17 @@ def _dist_worker(rank, world, out_dir, mode):
         after = {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"grad": grads, "after": after}, os.path.join(out_dir, f"rank{rank}.pt"))
         stage("done")
+        dist.barrier()  # both ranks are past their last collective before either tears down
+        finished = True
     finally:
+        # a teardown that hangs leaves its Python stacks in the log for the test's message
+        faulthandler.dump_traceback_later(TEARDOWN_GRACE_S / 2, file=log)
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
+        stage("destroyed")
+    if finished:  # nothing of ours runs in interpreter teardown: skip it (its thread joins can hang)
+        log.close()
+        os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -142,11 +155,21 @@ def test_data_parallel_gloo_matches_single_process(tmp_path, monkeypatch, mode):
     ctx = mp.start_processes(_dist_worker, args=(2, str(tmp_path), mode), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + DIST_DEADLINE_S
+    saved_at = None
     while not ctx.join(timeout=5):  # raises if a worker failed
+        logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("rank*.log"))}
+        saved = len(logs) == 2 and all(" done\n" in t for t in logs.values())
+        saved_at = saved_at or (time.monotonic() if saved else None)
+        if saved and time.monotonic() > saved_at + TEARDOWN_GRACE_S:
+            # the ranks finished and saved what this test checks; only torch.distributed's teardown
+            # is stuck (seen once in CI under load). Not what this test is about: say so, go on.
+            for proc in ctx.processes:
+                proc.kill()
+            warnings.warn(f"{mode}: gloo teardown did not finish in {TEARDOWN_GRACE_S} s; logs: {logs}")
+            break
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("rank*.log"))}
             pytest.fail(f"{mode} workers did not finish in {DIST_DEADLINE_S} s; their progress: {logs}")
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
