@@ -5,7 +5,7 @@ import torch
 import mos_ext
 from mos_ext import ops
 from mos_ext import reference as R
-from problems import POPULARITY, acc_dtype, assert_close, make_problem
+from problems import POPULARITY, acc_dtype, assert_close, make_problem, stable_seed
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -31,8 +31,11 @@ def run_case(T, N, h, r, l, S, mixed, rows, popularity, dtype, seed):
     out = ops.shard_grad(grad, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant)
     assert out is grad
     ref = R.shard_grad(grad0, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant)
-    # The accumulated values are sums over up to N tokens: scale the tolerance.
-    assert_close(grad, ref, acc, f"shard_grad {popularity}")
+    # each element is a sum over up to N tokens (more where a table repeats a row): the bound
+    # grows with the sum of the terms' magnitudes
+    mag = R.shard_grad(torch.zeros_like(grad0, dtype=torch.float64), u.double().abs(), p.x.double().abs(), p.idx_a,
+                       p.scale.abs(), p.seg_indptr, p.seg_tenant)
+    assert_close(grad, ref, acc, f"shard_grad {popularity}", mag=mag + grad0.double().abs())
     touched = torch.zeros(grad.shape[0], dtype=torch.bool)
     for s, e, t in R.segments(p.seg_indptr, p.seg_tenant):
         if e > s:
@@ -46,7 +49,7 @@ def run_case(T, N, h, r, l, S, mixed, rows, popularity, dtype, seed):
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grid(shape, popularity, dtype):
-    seed = hash((shape, popularity, str(dtype))) % 10_000
+    seed = stable_seed(shape, popularity, str(dtype))
     run_case(*SHAPES[shape], popularity, dtype, seed)
 
 
@@ -55,7 +58,7 @@ def test_grid(shape, popularity, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_paths(shape, popularity, dtype, cpu_path):
     """The grid again, all fused and all BLAS (per-shape dispatch of fp32/fp64 segments)."""
-    seed = hash((shape, popularity, str(dtype), "paths")) % 10_000
+    seed = stable_seed(shape, popularity, str(dtype), "paths")
     run_case(*SHAPES[shape], popularity, dtype, seed)
 
 
