@@ -71,19 +71,24 @@ def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
 
 
 def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
-    """New ``y`` with ``y[s:e] += scale[t] * v[s:e] @ B_t.T``."""
+    """New ``y`` with ``y[s:e] += (scale[t] * v[s:e]) @ B_t.T``.
+
+    ``scale[t]`` multiplies ``v`` before the expand, as the kernels do: the same for finite
+    values, and a non-finite scale reaches only the outputs with at least one valid term (an
+    empty sum stays nothing, never ``NaN * 0``)."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
-        out[s:e] = out[s:e] + scale[t].double() * _expand_t(v[s:e], pool_b, idx_b[t])
+        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v[s:e].double(), pool_b, idx_b[t])
     return out.to(y.dtype)
 
 
 def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
-    """New ``y`` with ``y[s:e] += scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` (one rounding)."""
+    """New ``y`` with ``y[s:e] += (scale[t] * (x[s:e] @ A_t.T)) @ B_t.T`` (one rounding; the
+    scale placed as in :func:`sgmv_expand`)."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
         v = _shrink_t(x[s:e], pool_a, idx_a[t])
-        out[s:e] = out[s:e] + scale[t].double() * _expand_t(v, pool_b, idx_b[t])
+        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v, pool_b, idx_b[t])
     return out.to(y.dtype)
 
 

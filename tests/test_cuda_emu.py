@@ -228,6 +228,50 @@ def test_nonfinite_padded_rows(E):
     close(y, yr, "nonfinite")
 
 
+def _same_non_finite(out, ref, what):
+    """The reference's non-finite elements, and the finite ones close (``ref`` in ``out``'s dtype)."""
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref)), f"{what}: not the reference's non-finite elements"
+    fin = torch.isfinite(ref)
+    close(out[fin], ref[fin].to(out.dtype), what)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("shape,aligned,path", [("decode", True, "fast"), ("prefill", True, "fast (tensor-core prefill)"),
+                                                ("lora_l1", False, None)])
+def test_non_finite_scale_stays_in_its_tenant(E, shape, aligned, path, bad):
+    """One tenant's Inf/NaN scale makes exactly the reference's elements non-finite (its
+    rows with a valid term; scale multiplies v before the expand) and leaves every other
+    tenant's rows as the reference has them, on each kernel path; shard_grad (tensor-core
+    and generic) likewise per pool row."""
+    N, h, l_a, o, l_b, r, T, S = SHAPES[shape]
+    p = problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, T=T, S=S, dtype=torch.bfloat16, pa=torch.float32, pb=None,
+                aligned=aligned, seed=21)
+    live = [int(t) for g, t in enumerate(p["tn"].tolist())
+            if t >= 0 and p["ip"][g + 1] > p["ip"][g] and (p["idx_b"][t] >= 0).any()]
+    assert live, "the problem needs a tenant with tokens and valid entries"
+    p["scale"][live[0]] = bad
+    y = _clone_view(p["y"])
+    E.sgmv(y, p["x"], p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    assert E.last_sgmv_path() == path if path else not E.last_sgmv_path().startswith("fast"), E.last_sgmv_path()
+    ref = reference.sgmv(_clone_view(p["y"]), p["x"], p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"],
+                         p["ip"], p["tn"])
+    assert not torch.isfinite(ref).all(), "the bad scale must reach the reference's output"
+    _same_non_finite(y, ref, f"{shape} sgmv")
+    v = torch.randn(N, r, generator=torch.Generator().manual_seed(2))
+    y = _clone_view(p["y"])
+    E.sgmv_expand(y, v, p["pool_b"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    _same_non_finite(y, reference.sgmv_expand(_clone_view(p["y"]), v, p["pool_b"], p["idx_b"], p["scale"], p["ip"],
+                                              p["tn"]), f"{shape} expand")
+    if shape != "prefill":  # shard_grad on the x of the decode (tensor cores) and generic problems
+        for det in (False, True):
+            g0 = torch.randn(p["pool_a"].shape, generator=torch.Generator().manual_seed(3))
+            g = g0.clone()
+            E.shard_grad(g, v, p["x"], p["idx_a"], p["scale"], p["ip"], p["tn"], det)
+            ref = reference.shard_grad(g0.double(), v.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"],
+                                       p["tn"])
+            _same_non_finite(g, ref, f"{shape} shard_grad(det={det}) [{E.last_sgmv_path()}]")
+
+
 @pytest.mark.parametrize("S,N,dtype", [(9, 90, torch.bfloat16), (400, 90, torch.bfloat16), (3, 300, torch.float16)])
 def test_checks_off_garbage(E, S, N, dtype):
     """Index checks off: out-of-range table entries, tenants and segment bounds

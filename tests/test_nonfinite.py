@@ -105,3 +105,57 @@ def test_reference_skips_rather_than_multiplies():
     idx = torch.tensor([[[0, 1], [-1, -1]]], dtype=torch.int32)
     v = R.sgmv_shrink(x, pool, idx, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))
     assert torch.all(v[:, 1] == 0) and torch.all(torch.isinf(v[:, 0]))
+
+
+def check_masks(out, ref, dtype, what):
+    """The same elements non-finite as in the reference, the finite ones close to it."""
+    out, ref = out.cpu().double(), ref.cpu().double()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref)), f"{what}: not the reference's non-finite elements"
+    check(out[torch.isfinite(ref)], ref[torch.isfinite(ref)], dtype, what)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_scale_stays_in_its_tenant(device, dtype, bad, cpu_path):
+    """``scale`` values are not checked (a device read on CUDA). A tenant whose scale is Inf/NaN
+    gets non-finite rows and nothing else in the batch changes: the other tenants' rows, and
+    the pool-gradient rows only they name, equal the reference. ``scale[t]`` multiplies ``v``
+    before the expand (kernels and reference), so a tenant with no valid entry adds nothing
+    rather than ``NaN * 0``."""
+    p = build(dtype, device, bad=0.25)  # everything finite
+    p["scale"] = torch.tensor([bad, 1.3], dtype=torch.float32, device=device)
+    seg = (p["ip"], p["tn"])
+    mine, others = slice(0, 20), slice(20, 40)
+
+    def sgmv(y, idx_a, idx_b):
+        ops.sgmv(y, p["x"], p["pool_a"], p["pool_b"], idx_a, idx_b, p["scale"], *seg)
+        return R.sgmv(p["y"], p["x"], p["pool_a"], p["pool_b"], idx_a, idx_b, p["scale"], *seg)
+
+    def expand(y, idx_a, idx_b):
+        ops.sgmv_expand(y, p["v"], p["pool_b"], idx_b, p["scale"], *seg)
+        return R.sgmv_expand(p["y"], p["v"], p["pool_b"], idx_b, p["scale"], *seg)
+
+    rank0_a, rank0_b = p["idx_a"].clone(), p["idx_b"].clone()
+    rank0_a[0], rank0_b[0] = -1, -1  # tenant 0 with no valid entry
+    for what, run in (("sgmv", sgmv), ("sgmv_expand", expand)):
+        y = p["y"].clone()
+        ref = run(y, p["idx_a"], p["idx_b"])
+        assert not torch.isfinite(y[mine]).any(), f"{what}: a row of the tenant with scale {bad} came out finite"
+        check_masks(y, ref, dtype, what)
+        y = p["y"].clone()
+        ref = run(y, rank0_a, rank0_b)
+        assert torch.equal(y[mine], p["y"][mine]), f"{what}: a tenant with no valid entry changed its rows"
+        check_masks(y, ref, dtype, f"{what}, rank 0")
+
+    acc = p["v"].dtype
+    named = [p["idx_a"][t][p["idx_a"][t] >= 0].long().unique() for t in (0, 1)]
+    assert not set(named[0].tolist()) & set(named[1].tolist())  # build's tables share no pool row
+    for det in (False, True):
+        g0 = torch.randn(p["pool_a"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        g0 = g0.to(device=device, dtype=acc)
+        g = g0.clone()
+        ops.shard_grad(g, p["v"], p["x"], p["idx_a"], p["scale"], *seg, deterministic=det)
+        ref = R.shard_grad(g0, p["v"], p["x"], p["idx_a"], p["scale"], *seg)
+        assert not torch.isfinite(g[named[0]]).any(), f"shard_grad(det={det}): a row of the bad tenant is finite"
+        check_masks(g, ref, dtype, f"shard_grad(det={det})")

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -122,6 +123,16 @@ at::Tensor as_index(const std::vector<int64_t>& rows) {
   return at::tensor(at::ArrayRef<int64_t>(rows), at::kLong);
 }
 
+// ys += sc * (vs @ B), through addmm_'s alpha while sc is finite. ATen's CPU fp32 addmm_ takes a
+// NaN alpha as 1 for some shapes (torch 2.13: a 20x3 @ 3x20 product comes out unscaled), which
+// would serve a tenant with a NaN scale as if its scale were 1: a non-finite scale takes mm + add_.
+void add_scaled_mm(at::Tensor& ys, const at::Tensor& vs, const at::Tensor& B, float sc) {
+  if (std::isfinite(sc))
+    ys.addmm_(vs, B, 1.0, static_cast<double>(sc));
+  else
+    ys.add_(at::mm(vs, B), static_cast<double>(sc));
+}
+
 }  // namespace
 
 at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
@@ -158,10 +169,10 @@ void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& po
     const at::Tensor vs = v.narrow(0, g.n0, g.n1 - g.n0);
     // v is in the accumulation dtype, which is y's for the fp32/fp64 problems this path takes
     if (static_cast<int64_t>(rows.size()) == b.r)
-      ys.addmm_(vs, gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type()), 1.0, static_cast<double>(sc[g.t]));
+      add_scaled_mm(ys, vs, gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type()), sc[g.t]);
     else  // padded rank rows skipped: Inf/NaN in their columns of v never reach y
-      ys.addmm_(vs.index_select(1, as_index(rows)), gather_some(pool_b, idx_b, b, g.t, rows, y.scalar_type()), 1.0,
-                static_cast<double>(sc[g.t]));
+      add_scaled_mm(ys, vs.index_select(1, as_index(rows)), gather_some(pool_b, idx_b, b, g.t, rows, y.scalar_type()),
+                    sc[g.t]);
   }
 }
 
@@ -184,10 +195,10 @@ void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool
     }
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
     if (static_cast<int64_t>(rb.size()) == b.r)
-      ys.addmm_(vs, gather_tenant(pool_b, idx_b, b, g.t, x.scalar_type()), 1.0, static_cast<double>(sc[g.t]));
+      add_scaled_mm(ys, vs, gather_tenant(pool_b, idx_b, b, g.t, x.scalar_type()), sc[g.t]);
     else
-      ys.addmm_(vs.index_select(1, as_index(rb)), gather_some(pool_b, idx_b, b, g.t, rb, x.scalar_type()), 1.0,
-                static_cast<double>(sc[g.t]));
+      add_scaled_mm(ys, vs.index_select(1, as_index(rb)), gather_some(pool_b, idx_b, b, g.t, rb, x.scalar_type()),
+                    sc[g.t]);
   }
 }
 
