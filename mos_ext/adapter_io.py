@@ -16,6 +16,7 @@ never dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ def check_dims(spec: AdapterSpec, dims: Dict[str, Tuple[int, int]]) -> None:
 def _validate(spec: AdapterSpec, where: str):
     if not spec.layers:
         raise ValueError(f"adapter at {where} adapts no layer")
+    if not math.isfinite(spec.scale):  # the ops do not check scale values (a device read on CUDA)
+        raise ValueError(f"adapter at {where}: its scale (lora_alpha / r) is {spec.scale}, not finite")
     for path, sides in spec.layers.items():
         for side, sd in zip("AB", sides):
             if sd.idx.dtype not in (torch.int16, torch.int32, torch.int64):

@@ -7,6 +7,7 @@ adapter; ``save_pretrained`` writes this config as ``adapter_config.json`` with
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -66,6 +67,8 @@ class MoSConfig(PeftConfig):
                              f"mos_ext.load_adapter)")
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be finite, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.method == "mos":

@@ -310,6 +310,7 @@ CORRUPT = {  # name: (variant kwargs, what the error must say)
     "dtype": (dict(edit_tensors=lambda t: t.update({FIRST_IDX: t[FIRST_IDX].float()})), "integer"),
     "extra": (dict(edit_tensors=lambda t: t.update({"junk": torch.zeros(1)})), "junk"),
     "cfg": (dict(edit_cfg=lambda m: m.update(r=40)), r"exceed the public pool|expected \[40"),
+    "alpha": (dict(edit_cfg=lambda m: m.update(lora_alpha=float("inf"))), "lora_alpha must be finite"),
 }
 
 

@@ -246,6 +246,7 @@ REFUSED_LORA = [
     ("modules_to_save", dict(modules_to_save=["lm_head"]), "modules_to_save"),
     ("rank_pattern", dict(rank_pattern={"q_proj": 2}), "rank_pattern"),
     ("alpha_pattern", dict(alpha_pattern={"q_proj": 3}), "alpha_pattern"),
+    ("alpha_nan", dict(lora_alpha=float("nan")), "scale.*not finite"),
 ]
 
 
