@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .config import EMBEDDING_NAMES
+
 WEIGHTS_V2 = "adapter_model.safetensors"
 WEIGHTS_V1 = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -70,7 +72,6 @@ _LORA_REFUSED = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "arrow_config": "Arrow routing (arrow_config)",
 }
-_EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embeddings", "embed_in", "lm_head", "embed_out")
 
 
 def _load_json(path: str) -> dict:
@@ -352,7 +353,7 @@ def _refuse_keys(meta: dict, table: dict, path: str, what: str):
 def _refuse_embeddings(paths, path: str, what: str):
     for p in paths:
         last = p.rsplit(".", 1)[-1]
-        if last in _EMBED_NAMES:
+        if last in EMBEDDING_NAMES:
             raise ValueError(f"{what} adapter at {path}: an adapter on {p!r} (embedding or lm_head) is not supported "
                              f"by mos_ext")
 

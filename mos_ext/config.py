@@ -17,6 +17,10 @@ METHODS = ("mos", "lora", "miss", "miss_mini")
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Embedding and output-head module names: adapters on them are not supported (refused when an
+# adapter is created and when one is read; PEFT would also save their base weights).
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embeddings", "embed_in", "lm_head", "embed_out")
+
 # The on-disk layout written by save_pretrained (bumped when keys or semantics change).
 FORMAT_VERSION = 2
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import MoSConfig
+from .config import EMBEDDING_NAMES, MoSConfig
 from .integrations.peft import BaseTuner, PREFIX, register
 from .layers import MoSLinear, MoSPoolBank, base_dims
 from .pools import init_pools, sample_tables
@@ -96,6 +96,9 @@ class MoSModel(BaseTuner):
             if any(isinstance(p, MoSLinear) for p in self._parents(key)):
                 continue
             if self._check_target_module_exists(cfg, key):
+                if key.rsplit(".", 1)[-1] in EMBEDDING_NAMES:
+                    raise ValueError(f"target {key!r}: adapters on embeddings or lm_head are not supported by mos_ext "
+                                     f"(they could not be read back or served)")
                 base_dims(_base(mod))  # TypeError naming the unsupported layer kind
                 names.append(key)
         if not names:

@@ -268,6 +268,21 @@ def test_unsupported_peft_lora_parts_are_refused_by_name_everywhere(tmp_path, na
     assert store.names() == ["ok"] and all(torch.equal(snap[k], store.pool_a[k]) for k in snap)
 
 
+@pytest.mark.parametrize("method", ["mos", "lora", "miss"])
+def test_embedding_and_lm_head_targets_refused_at_creation(method):
+    """What could not be read back (PEFT also saves an lm_head's base weight) is not trained:
+    refused before anything is created."""
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for target in ("lm_head", "embed_tokens"):
+        cfg = mos_ext.MoSConfig(method=method, r=2, equivalent_rank=2, shards_per_vector=2, private_rank=1,
+                                target_modules=["q_proj", target])
+        with pytest.raises(ValueError, match=f"{target}.*embeddings or lm_head are not supported"):
+            peft.get_peft_model(model, cfg)
+        assert not any(isinstance(m, mos_ext.MoSLinear) for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_unsupported_miss_parts_are_refused(tmp_path):
     d, _ = peft_miss_dir(tmp_path, "bat", r=4)
     with pytest.raises(ValueError, match="bat"):
