@@ -92,13 +92,25 @@ def _load_json(path: str) -> dict:
 
 
 def _load_tensors(path: str, name: str) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors: ``name`` (safetensors) or, where only that exists, PEFT's
+    ``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``), read as PEFT reads it,
+    with ``torch.load(weights_only=True)``: tensors only, no code run."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = os.path.join(path, name)
+    pickled = os.path.join(path, "adapter_model.bin")
+    if not os.path.isfile(f) and os.path.isfile(pickled):
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unpickling error of any kind means a corrupt file
+            raise ValueError(f"corrupt adapter weights {pickled}: {type(e).__name__}: {e}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise ValueError(f"corrupt adapter weights {pickled}: not a mapping of names to tensors")
+        return tensors
     if not os.path.isfile(f):
-        alt = " (only safetensors adapters are read)" if os.path.isfile(os.path.join(path, "adapter_model.bin")) else ""
-        raise FileNotFoundError(f"adapter file missing: {f}{alt}")
+        raise FileNotFoundError(f"adapter file missing: {f}")
     try:
         return load_file(f)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -1,5 +1,6 @@
 """The training API (MoS as a PEFT method) on tiny Hugging Face models built from configs (no downloads)."""
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -268,6 +269,21 @@ def test_save_load_roundtrip_bit_exact(tmp_path):
     assert size < lora_equiv
 
 
+def test_pickled_adapter_roundtrip(tmp_path):
+    """save_pretrained(safe_serialization=False) writes PEFT's adapter_model.bin: every loader
+    reads it back (torch.load with weights_only=True) to the same adapter."""
+    m = get_mos_model(tiny_llama(seed=4), mos_cfg())
+    randomize_pools(m)
+    out = m(IDS).logits
+    m.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    for m2 in (peft.PeftModel.from_pretrained(tiny_llama(seed=4), str(tmp_path)),
+               mos_ext.load_adapter(tiny_llama(seed=4), str(tmp_path))):
+        assert torch.equal(m2(IDS).logits, out)
+    spec = mos_ext.read_adapter(str(tmp_path))
+    assert set(spec.layers) == set(mos_ext.read_adapter(m).layers)
+
+
 def _corrupt_variant(tmp_path, good, name, edit_cfg=None, edit_tensors=None, raw=None):
     import shutil
 
@@ -293,6 +309,18 @@ def _trunc(d):
     open(d / "adapter_model.safetensors", "wb").write(b[: len(b) // 2])
 
 
+def _as_bin(d, payload=None, cut=False):
+    """The variant in PEFT's pickled layout (adapter_model.bin), or a payload saved in its place."""
+    from safetensors.torch import load_file
+
+    st = d / "adapter_model.safetensors"
+    torch.save(load_file(str(st)) if payload is None else payload, d / "adapter_model.bin")
+    os.remove(st)
+    if cut:
+        b = open(d / "adapter_model.bin", "rb").read()
+        open(d / "adapter_model.bin", "wb").write(b[: len(b) // 2])
+
+
 POOL = "base_model.model.shard_pools.mos_{}_{}"
 FIRST_IDX = "base_model.model.model.layers.0.self_attn.q_proj.mos_idx_a"
 CORRUPT = {  # name: (variant kwargs, what the error must say)
@@ -311,6 +339,10 @@ CORRUPT = {  # name: (variant kwargs, what the error must say)
     "extra": (dict(edit_tensors=lambda t: t.update({"junk": torch.zeros(1)})), "junk"),
     "cfg": (dict(edit_cfg=lambda m: m.update(r=40)), r"exceed the public pool|expected \[40"),
     "alpha": (dict(edit_cfg=lambda m: m.update(lora_alpha=float("inf"))), "lora_alpha must be finite"),
+    "bin_trunc": (dict(raw=lambda d: _as_bin(d, cut=True)), "corrupt adapter weights .*adapter_model.bin"),
+    "bin_code": (dict(raw=lambda d: _as_bin(d, payload={"x": datetime.date(2026, 1, 1)})),
+                 "corrupt adapter weights .*UnpicklingError"),  # weights_only: never unpickles objects
+    "bin_nontensor": (dict(raw=lambda d: _as_bin(d, payload={"x": [1, 2]})), "not a mapping of names to tensors"),
 }
 
 

@@ -181,7 +181,7 @@ def test_autocast_adapter_dtype_convention():
 
 
 # ---------------------------------------------------------------------------- importing other adapters
-def peft_lora_dir(tmp_path, **kw):
+def peft_lora_dir(tmp_path, safe=True, **kw):
     args = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     args.update(kw)
     lm = peft.get_peft_model(llama(), peft.LoraConfig(**args))
@@ -191,7 +191,7 @@ def peft_lora_dir(tmp_path, **kw):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     d = tmp_path / "lora"
-    lm.save_pretrained(d)
+    lm.save_pretrained(d, safe_serialization=safe)
     return d, logits(lm)
 
 
@@ -210,8 +210,10 @@ def peft_miss_dir(tmp_path, init=True, r=4, mini_r=None):
     return d, logits(mm)
 
 
-def test_peft_lora_dir_loads_as_lora_method_with_equal_logits_and_trains(tmp_path):
-    d, ref = peft_lora_dir(tmp_path, use_rslora=True)
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_peft_lora_dir_loads_as_lora_method_with_equal_logits_and_trains(tmp_path, safe):
+    d, ref = peft_lora_dir(tmp_path, safe=safe, use_rslora=True)
+    assert (d / "adapter_model.bin").is_file() != safe
     pm = mos_ext.load_adapter(llama(), d)
     assert pm.base_model.peft_config["default"].method == "lora"
     torch.testing.assert_close(logits(pm), ref, rtol=1e-5, atol=1e-5)
