@@ -1,11 +1,22 @@
-"""Property tests (hypothesis): sgmv and its halves equal the reference for arbitrary
-small shapes, segmentations, tenants, ranks and slot counts."""
+"""Property tests (hypothesis): sgmv, its halves and shard_grad equal the reference for
+arbitrary small shapes, segmentations, tenants, ranks and slot counts, on the fused CPU kernels,
+the BLAS path and the default mix of both."""
 import torch
 from hypothesis import given, settings, strategies as st
 
+import mos_ext
 from mos_ext import ops
 from mos_ext import reference as R
-from problems import Problem, assert_close, make_table
+from problems import Problem, acc_dtype, assert_close, make_table
+
+# the CPU per-shape dispatch threshold: fused only, BLAS for every fp32/fp64 segment, the default
+CPU_PATHS = st.sampled_from([0, 1, None])
+
+
+def use_cpu_path(threshold):
+    """Set the threshold for one example (the autouse fixture restores it after the test)."""
+    if threshold is not None:
+        mos_ext.set_cpu_dense_min_tokens(threshold)
 
 
 @st.composite
@@ -42,9 +53,10 @@ def problems(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problems())
-def test_sgmv_matches_reference(dp):
+@given(problems(), CPU_PATHS)
+def test_sgmv_matches_reference(dp, path):
     dtype, p = dp
+    use_cpu_path(path)
     # Values are O(sqrt(h * r)) here: compare relative to the output scale.
     ref = R.sgmv(p.y, *p.sgmv_args())
     y = p.y.clone()
@@ -57,3 +69,25 @@ def test_sgmv_matches_reference(dp):
     v_ref = R.sgmv_shrink(p.x, p.pool_a, p.idx_a, p.seg_indptr, p.seg_tenant)
     vmag = max(v_ref.abs().max().item() if v_ref.numel() else 1.0, 1.0)
     assert_close(v / vmag, v_ref / vmag, v.dtype, "shrink")
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), CPU_PATHS, st.booleans(), st.integers(0, 2**16))
+def test_shard_grad_matches_reference(dp, path, deterministic, seed):
+    """Into a poisoned gradient; the bound grows with the sum of |terms| per pool row."""
+    dtype, p = dp
+    use_cpu_path(path)
+    acc = acc_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(p.x.shape[0], p.idx_a.shape[1], generator=gen, dtype=torch.float64).to(acc)
+    grad0 = torch.randn(p.pool_a.shape, generator=gen, dtype=torch.float64).to(acc)
+    grad = grad0.clone()
+    ops.shard_grad(grad, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant, deterministic)
+    ref = R.shard_grad(grad0, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant)
+    mag = R.shard_grad(grad0.double().abs(), u.double().abs(), p.x.double().abs(), p.idx_a, p.scale.abs(),
+                       p.seg_indptr, p.seg_tenant)
+    assert_close(grad, ref, acc, "shard_grad", mag=mag)
+    if deterministic:  # bitwise the same on a rerun
+        again = grad0.clone()
+        ops.shard_grad(again, u, p.x, p.idx_a, p.scale, p.seg_indptr, p.seg_tenant, True)
+        assert torch.equal(again, grad)
