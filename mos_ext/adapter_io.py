@@ -92,15 +92,15 @@ def _load_json(path: str) -> dict:
 
 
 def _load_tensors(path: str, name: str) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors: ``name`` (safetensors) or, where only that exists, PEFT's
-    ``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``), read as PEFT reads it,
-    with ``torch.load(weights_only=True)``: tensors only, no code run."""
+    """The adapter's tensors: ``name`` (safetensors) or, for PEFT's layout where only that
+    exists, ``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``), read as PEFT
+    reads it, with ``torch.load(weights_only=True)``: tensors only, no code run."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = os.path.join(path, name)
     pickled = os.path.join(path, "adapter_model.bin")
-    if not os.path.isfile(f) and os.path.isfile(pickled):
+    if name == WEIGHTS_V2 and not os.path.isfile(f) and os.path.isfile(pickled):
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - an unpickling error of any kind means a corrupt file
