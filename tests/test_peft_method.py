@@ -210,6 +210,19 @@ def peft_miss_dir(tmp_path, init=True, r=4, mini_r=None):
     return d, logits(mm)
 
 
+def test_auto_peft_model_loads_a_saved_mos_adapter(tmp_path):
+    """PEFT's AutoPeftModelForCausalLM: config type from the registry, base from the adapter
+    config's base_model_name_or_path, the same logits."""
+    llama().save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), cfg())
+    randomize(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    assert type(peft.PeftConfig.from_pretrained(tmp_path / "adapter")) is mos_ext.MoSConfig
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert isinstance(auto.base_model, mos_ext.MoSModel)
+    torch.testing.assert_close(logits(auto), logits(pm), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_peft_lora_dir_loads_as_lora_method_with_equal_logits_and_trains(tmp_path, safe):
     d, ref = peft_lora_dir(tmp_path, safe=safe, use_rslora=True)
