@@ -116,6 +116,28 @@ def test_greedy_generation_and_beams(adapters):
         assert torch.equal(beams[b], solo[0]), n
 
 
+def test_left_padded_prompts_of_mixed_lengths(adapters):
+    """A left-padded batch of prompts of different lengths, one tenant (or none) per row: each row
+    generates what its tenant generates for the unpadded prompt alone."""
+    store = make_store(tiny())
+    for name, (d, _) in adapters.items():
+        store.load(name, d)
+    mt = MultiTenantModel(tiny(), store)
+    names, lens = ["mos_a", None, "lora", "miss", "mos_q"], [7, 3, 5, 2, 9]
+    width = max(lens)
+    ids = torch.zeros(len(names), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, width - n:], mask[b, width - n:] = IDS[b, :n], 1
+    gen = mt.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=6, do_sample=False,
+                      pad_token_id=0)
+    for b, (name, n) in enumerate(zip(names, lens)):
+        solo = (tiny() if name is None else adapters[name][1]).generate(
+            input_ids=IDS[b:b + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=6,
+            do_sample=False, pad_token_id=0)
+        assert torch.equal(gen[b, width:], solo[0, n:]), name
+
+
 def test_peft_lora_directory_matches_peft(adapters, tmp_path):
     peft = pytest.importorskip("peft")
     pm = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
