@@ -54,7 +54,8 @@ def world(tmp_path_factory):
     dirs, peft_models = {}, {}
     for i, (name, c) in enumerate(CONFIGS.items()):
         dirs[name] = str(root / name)
-        peft_models[name] = U.write_mos_adapter(cfg, c, dirs[name], seed=10 + i)
+        # erin as PEFT's pickled adapter_model.bin (save_pretrained(safe_serialization=False))
+        peft_models[name] = U.write_mos_adapter(cfg, c, dirs[name], seed=10 + i, safe=name != "erin")
     dirs["bob"] = str(root / "bob")
     peft_models["bob"] = U.write_peft_lora(cfg, dirs["bob"], seed=20, r=12)  # above --max-lora-rank 8: store-held
     # bad adapters

@@ -63,9 +63,10 @@ def save_base(out_dir, cfg, seed=0):
     return m
 
 
-def write_mos_adapter(base_cfg, cfg, out_dir, seed):
+def write_mos_adapter(base_cfg, cfg, out_dir, seed, safe=True):
     """A MoS/MiSS/LoRA-as-shards adapter made with peft.get_peft_model(..., MoSConfig) and random B pools
-    (as if trained), saved with save_pretrained. Returns the PeftModel."""
+    (as if trained), saved with save_pretrained (``safe=False``: PEFT's pickled adapter_model.bin).
+    Returns the PeftModel."""
     import peft
 
     import mos_ext  # noqa: F401
@@ -76,7 +77,7 @@ def write_mos_adapter(base_cfg, cfg, out_dir, seed):
         for k, p in pm.base_model.pools("default").items():
             if k.startswith("mos_B_") or (cfg.method in ("miss", "miss_mini") and k.startswith("mos_B")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.save_pretrained(out_dir)
+    pm.save_pretrained(out_dir, safe_serialization=safe)
     return pm.eval()
 
 
