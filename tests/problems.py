@@ -215,6 +215,23 @@ def stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) % 10_000
 
 
+def shard_grad_magnitude(grad0, u, x, idx, scale, seg_indptr, seg_tenant, with_grad0=True):
+    """Per element of ``grad0``'s shape, the sum of the absolute values of what ``shard_grad``
+    accumulates into it (and ``|grad0|`` itself unless ``with_grad0=False``), in float64: the
+    scale of its rounding error."""
+    from mos_ext import reference
+
+    start = grad0.double().abs() if with_grad0 else torch.zeros_like(grad0, dtype=torch.float64)
+    return reference.shard_grad(start, u.double().abs(), x.double().abs(), idx, scale.abs(), seg_indptr, seg_tenant)
+
+
+def same_non_finite(out, ref, what=""):
+    """Asserts ``out`` is non-finite exactly where ``ref`` is; returns the finite mask."""
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), fin), f"{what}: not the reference's non-finite elements"
+    return fin
+
+
 def assert_close(out, ref, dtype, what="", mag=None):
     """``|out - ref| <= atol + rtol |ref|`` (``TOL[dtype]``), plus ``SUM_ULPS`` unit roundoffs
     of ``mag`` where given: the sum of the absolute values of the terms accumulated into each

@@ -304,9 +304,13 @@ def _corrupt_variant(tmp_path, good, name, edit_cfg=None, edit_tensors=None, raw
     return str(d)
 
 
+def _halve(f):
+    b = open(f, "rb").read()
+    open(f, "wb").write(b[: len(b) // 2])
+
+
 def _trunc(d):
-    b = open(d / "adapter_model.safetensors", "rb").read()
-    open(d / "adapter_model.safetensors", "wb").write(b[: len(b) // 2])
+    _halve(d / "adapter_model.safetensors")
 
 
 def _as_bin(d, payload=None, cut=False):
@@ -317,8 +321,7 @@ def _as_bin(d, payload=None, cut=False):
     torch.save(load_file(str(st)) if payload is None else payload, d / "adapter_model.bin")
     os.remove(st)
     if cut:
-        b = open(d / "adapter_model.bin", "rb").read()
-        open(d / "adapter_model.bin", "wb").write(b[: len(b) // 2])
+        _halve(d / "adapter_model.bin")
 
 
 POOL = "base_model.model.shard_pools.mos_{}_{}"
