@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .batch import single_segment
 from .integrations.peft import BaseTunerLayer, BufferDict
 
 try:  # GPT-2 style layers keep their weight as [in, out]
@@ -36,21 +37,6 @@ def base_dims(base: nn.Module):
         return base.weight.shape[0], base.weight.shape[1], "conv1d"
     raise TypeError(f"MoS adapters support nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt "
                     f"bases, got {type(base).__name__}")
-
-
-_SEG_CACHE: dict = {}
-
-
-def single_segment(n: int, device: torch.device):
-    """(seg_indptr [0, n], seg_tenant [0]) for a batch that is all one tenant (cached)."""
-    key = (n, device)
-    seg = _SEG_CACHE.get(key)
-    if seg is None:
-        if len(_SEG_CACHE) > 256:
-            _SEG_CACHE.clear()
-        seg = (torch.tensor([0, n], dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device))
-        _SEG_CACHE[key] = seg
-    return seg
 
 
 class MoSLinear(nn.Module, BaseTunerLayer):
@@ -138,7 +124,7 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         xs = x.reshape(-1, self.in_features)
         if xs.shape[-1] > 1 and xs.stride(-1) != 1:
             xs = xs.contiguous()
-        ip, tn = single_segment(xs.shape[0], xs.device)
+        ip, tn = single_segment(xs.shape[0], xs.device).args()
         # MoSConfig.deterministic: held on through this call, so its backward is deterministic too
         det = self.mos_deterministic.get(adapter_name, False)
         if det:

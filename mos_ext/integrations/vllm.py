@@ -46,6 +46,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..batch import Segments, add_sgmv, build_segments
+
 SUPPORTED = "0.32."
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
 ERROR_PREFIX = "mos_ext refused adapter"
@@ -171,7 +173,7 @@ class _Runtime:
         self.specs: Dict[int, object] = {}  # vLLM lora id -> its AdapterSpec, in host memory (reload source)
         self.paths: Dict[int, Tuple[str, str]] = {}  # vLLM lora id -> (name, directory)
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
-        self.seg: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.seg: Optional[Segments] = None  # this step's segments, shared by every layer
         self._lock = threading.RLock()
         import mos_ext
 
@@ -260,33 +262,15 @@ class _Runtime:
             for i in ids:
                 k = self.key(i)
                 slot_of[i] = self.store.slot(k) if k in self.store else -1  # not ours (vLLM dummy): untouched
-            toks = torch.tensor([slot_of.get(int(i), -1) if i > 0 else -1 for i in index_mapping], dtype=torch.int32)
-            vals, counts = torch.unique_consecutive(toks, return_counts=True)
-            if bool((vals < 0).all()):
-                self.seg = None
-                return
-            indptr = torch.zeros(vals.numel() + 1, dtype=torch.int32)
-            indptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-            dev = self.store.device
-            self.seg = (indptr.to(dev), vals.to(torch.int32).to(dev))
+            rows = [slot_of.get(int(i), -1) if i > 0 else -1 for i in index_mapping]
+            seg = build_segments(rows, device=self.store.device, merge=True)  # one row per token
+            self.seg = seg if seg.active else None
 
     def apply(self, module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        seg = self.seg
-        if seg is None or not module._mos_slices:
-            return output
-        ip, tn = seg
         st = self.store
-        xs = x if x.dtype == st.dtype else x.to(st.dtype)
-        if xs.stride(-1) != 1:
-            xs = xs.contiguous()
-        y = output if output.dtype == st.dtype else torch.zeros(output.shape, dtype=st.dtype, device=output.device)
-        for path, key, off, size in module._mos_slices:
-            view = y if (off == 0 and size == y.shape[1]) else y[:, off:off + size]
-            torch.ops.mos.sgmv(view, xs, st.pool_a[key], st.pool_b[key], st.idx_a[path], st.idx_b[path], st.scale,
-                               ip, tn)
-        if y is not output:
-            output = output + y.to(output.dtype)
-        return output
+        slices = [(st.pool_a[key], st.pool_b[key], st.idx_a[path], st.idx_b[path], off, size)
+                  for path, key, off, size in module._mos_slices]
+        return add_sgmv(output, x, slices, st.scale, self.seg, st.dtype)
 
 
 def _log():

@@ -6,31 +6,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import ops
+from ..batch import BatchMetadata, add_sgmv
 from ..layers import base_dims
 from .store import AdapterStore
-
-
-class _BatchContext:
-    """Per-call adapter choice; segments built once per forward shape, shared by all layers."""
-
-    def __init__(self, slots: List[int]):
-        self.slots = slots
-        self._cache = {}
-
-    def segments(self, n_seq: int, seq_len: int, device):
-        key = (n_seq, seq_len, device)
-        seg = self._cache.get(key)
-        if seg is None:
-            b0 = len(self.slots)
-            if n_seq % b0:
-                raise ValueError(f"the model was called with {n_seq} sequences but {b0} adapter_names were given")
-            rep = n_seq // b0  # beam search / num_return_sequences repeat each sequence
-            tenants = torch.tensor(self.slots, dtype=torch.int32).repeat_interleave(rep)
-            indptr = torch.arange(n_seq + 1, dtype=torch.int32) * seq_len
-            seg = (indptr.to(device), tenants.to(device))
-            self._cache[key] = seg
-        return seg
 
 
 class MultiTenantLinear(nn.Module):
@@ -56,20 +34,10 @@ class MultiTenantLinear(nn.Module):
             n_seq, seq_len = x.shape[0], 1
         else:
             raise ValueError(f"{self._path}: expected [batch, seq, features] input, got {tuple(x.shape)}")
-        ip, tn = ctx.segments(n_seq, seq_len, x.device)
         st = self._store
-        xs = x.reshape(-1, self.in_features).to(st.dtype)
-        if xs.shape[-1] > 1 and xs.stride(-1) != 1:
-            xs = xs.contiguous()
-        y = out.reshape(-1, self.out_features)
-        if y.dtype != st.dtype or not y.is_contiguous():
-            delta = torch.zeros(y.shape, dtype=st.dtype, device=y.device)
-            ops.sgmv(delta, xs, st.pool_a[self._key], st.pool_b[self._key], st.idx_a[self._path],
-                     st.idx_b[self._path], st.scale, ip, tn)
-            return out + delta.reshape(out.shape).to(out.dtype)
-        ops.sgmv(y, xs, st.pool_a[self._key], st.pool_b[self._key], st.idx_a[self._path], st.idx_b[self._path],
-                 st.scale, ip, tn)
-        return out
+        sl = (st.pool_a[self._key], st.pool_b[self._key], st.idx_a[self._path], st.idx_b[self._path], 0,
+              self.out_features)
+        return add_sgmv(out, x, [sl], st.scale, ctx.segments(n_seq, seq_len, x.device), st.dtype)
 
 
 class MultiTenantModel(nn.Module):
@@ -83,7 +51,7 @@ class MultiTenantModel(nn.Module):
     def __init__(self, model: nn.Module, store: AdapterStore):
         super().__init__()
         self.store = store
-        self._ctx: Optional[_BatchContext] = None
+        self._ctx: Optional[BatchMetadata] = None
         for path in store.layers:
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
@@ -99,7 +67,8 @@ class MultiTenantModel(nn.Module):
         if len(names) != batch:
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} sequences")
         slots = [-1 if n is None else self.store.slot(n) for n in names]
-        return _BatchContext(slots)
+        # one segment per sequence: a sequence's result does not depend on its neighbours' tenants
+        return BatchMetadata(slots, merge=False)
 
     @staticmethod
     def _batch_size(args, kwargs):
