@@ -24,6 +24,9 @@ import torch
 
 import mos_ext
 from mos_ext import reference
+from types import SimpleNamespace
+
+import test_nonfinite
 from problems import mixed_rank_table, random_segments, same_non_finite, shard_grad_magnitude
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -269,6 +272,21 @@ def test_non_finite_scale_stays_in_its_tenant(E, shape, aligned, path, bad):
             ref = reference.shard_grad(g0.double(), v.double(), p["x"].double(), p["idx_a"], p["scale"], p["ip"],
                                        p["tn"])
             _same_non_finite(g, ref, f"{shape} shard_grad(det={det}) [{E.last_sgmv_path()}]")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cuda_path", ["auto", "generic"])
+def test_nonfinite_cases(E, cuda_path, dtype, bad):
+    """tests/test_nonfinite.py's two cases on the CUDA kernels: skipped (-1) slots under Inf/NaN
+    activations, padded rank rows under Inf/NaN v, and a tenant with a non-finite scale (with and
+    without valid entries). The first H200 run (2026-12-04) failed both on the generic kernels,
+    which multiplied skipped slots by a zero shard (Inf * 0 = NaN); this grid reproduces that."""
+    os.environ["MOS_EXT_CUDA_PATH"] = cuda_path
+    emu = SimpleNamespace(sgmv=E.sgmv, sgmv_shrink=E.sgmv_shrink, sgmv_expand=E.sgmv_expand,
+                          shard_grad=lambda *a, det: E.shard_grad(*a, det))
+    test_nonfinite.skipped_slots_never_leak(emu, "cpu", dtype, bad)
+    test_nonfinite.non_finite_scale_stays_in_its_tenant(emu, "cpu", dtype, bad)
 
 
 @pytest.mark.parametrize("S,N,dtype", [(9, 90, torch.bfloat16), (400, 90, torch.bfloat16), (3, 300, torch.float16)])

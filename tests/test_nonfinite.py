@@ -5,6 +5,8 @@ of a padded rank row, or in pool rows that no valid entry names must not reach
 the output: the CPU kernels (fused and BLAS paths), the CUDA kernels (when a GPU
 and a CUDA build are here) and ``mos_ext.reference`` agree, NaN for NaN.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ from mos_ext import reference as R
 from problems import TOL, same_non_finite
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and mos_ext.cuda_built() else [])
+
+# The op backend the cases below run on: the package's ops (CPU or CUDA kernels, by device) here;
+# tests/test_cuda_emu.py runs the same cases on the CUDA kernels in the host emulator.
+OPS = SimpleNamespace(sgmv=ops.sgmv, sgmv_shrink=ops.sgmv_shrink, sgmv_expand=ops.sgmv_expand,
+                      shard_grad=lambda *a, det: ops.shard_grad(*a, deterministic=det))
 
 T, r, l_a, l_b, s_a, s_b = 2, 4, 4, 2, 8, 12
 h, o = l_a * s_a, l_b * s_b
@@ -59,6 +66,10 @@ def check(out, ref, dtype, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_skipped_slots_never_leak(device, dtype, bad, cpu_path):
+    skipped_slots_never_leak(OPS, device, dtype, bad)
+
+
+def skipped_slots_never_leak(ops, device, dtype, bad):
     p = build(dtype, device, bad)
     seg = (p["ip"], p["tn"])
 
@@ -81,12 +92,12 @@ def test_skipped_slots_never_leak(device, dtype, bad, cpu_path):
     for det in (False, True):
         g = torch.zeros(p["pool_a"].shape, dtype=acc, device=device)
         u = torch.nan_to_num(p["v"], nan=0.0, posinf=0.0)  # u finite, x holds the Inf/NaN ...
-        ops.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], *seg, deterministic=det)
+        ops.shard_grad(g, u, p["x"], p["idx_a"], p["scale"], *seg, det=det)
         # ... which only the skipped A slots of tenant 0 read: every pool row stays finite
         assert torch.isfinite(g).all(), f"shard_grad(det={det}): a skipped slot was written"
         check(g, R.shard_grad(torch.zeros_like(g), u, p["x"], p["idx_a"], p["scale"], *seg), dtype, "shard_grad")
         g = torch.zeros(p["pool_b"].shape, dtype=acc, device=device)
-        ops.shard_grad(g, p["v"], p["y"], p["idx_b"], p["scale"], *seg, deterministic=det)
+        ops.shard_grad(g, p["v"], p["y"], p["idx_b"], p["scale"], *seg, det=det)
         assert torch.isfinite(g).all(), f"shard_grad(det={det}): the padded rank row's u column leaked"
 
 
@@ -118,6 +129,10 @@ def check_masks(out, ref, dtype, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_scale_stays_in_its_tenant(device, dtype, bad, cpu_path):
+    non_finite_scale_stays_in_its_tenant(OPS, device, dtype, bad)
+
+
+def non_finite_scale_stays_in_its_tenant(ops, device, dtype, bad):
     """``scale`` values are not checked (a device read on CUDA). A tenant whose scale is Inf/NaN
     gets non-finite rows and nothing else in the batch changes: the other tenants' rows, and
     the pool-gradient rows only they name, equal the reference. ``scale[t]`` multiplies ``v``
@@ -155,7 +170,7 @@ def test_non_finite_scale_stays_in_its_tenant(device, dtype, bad, cpu_path):
         g0 = torch.randn(p["pool_a"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
         g0 = g0.to(device=device, dtype=acc)
         g = g0.clone()
-        ops.shard_grad(g, p["v"], p["x"], p["idx_a"], p["scale"], *seg, deterministic=det)
+        ops.shard_grad(g, p["v"], p["x"], p["idx_a"], p["scale"], *seg, det=det)
         ref = R.shard_grad(g0, p["v"], p["x"], p["idx_a"], p["scale"], *seg)
         assert not torch.isfinite(g[named[0]]).any(), f"shard_grad(det={det}): a row of the bad tenant is finite"
         check_masks(g, ref, dtype, f"shard_grad(det={det})")

@@ -20,6 +20,9 @@ struct ExpandSmem {
   static constexpr int BM = SgmvCfg<AT>::BM, RB = SgmvCfg<AT>::RB, BN = SgmvCfg<AT>::BN;
   AT v[BM][RB];
   AT b[RB][BN];
+  // 1 where b[j][c] comes from a valid table entry: a skipped slot takes nothing
+  // from v[:, j], never v * 0 (Inf/NaN in v, or a non-finite scale, stay out).
+  unsigned char ok[RB][BN];
 };
 
 // y[it.n0 + nn, c0 + c] += sum_j (vscale * vsrc[nn * v_ld + j]) * B[j, c0 + c]
@@ -53,16 +56,22 @@ __device__ void expand_tile(XT* __restrict__ y, int64_t y_stride, const AT* vsrc
       const int jj = e / BN, cc = e % BN;
       const int64_t j = j0 + jj, cg = c0 + cc;
       AT val = AT(0);
+      unsigned char ok = 0;
       if (j < r && cg < o) {
         const int64_t i = cg / s;
         const int32_t p = tab[j * l + i];
-        if (valid_row(p, B.P)) val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (cg - i * s)]);
+        if (valid_row(p, B.P)) {
+          val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (cg - i * s)]);
+          ok = 1;
+        }
       }
       sm.b[jj][cc] = val;
+      sm.ok[jj][cc] = ok;
     }
     __syncthreads();
 #pragma unroll 4
     for (int jj = 0; jj < RB; ++jj) {
+      if (!sm.ok[jj][c]) continue;
       const AT bv = sm.b[jj][c];
 #pragma unroll
       for (int q = 0; q < Q; ++q) acc[q] += sm.v[g + q * G][jj] * bv;

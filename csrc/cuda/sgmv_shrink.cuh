@@ -50,6 +50,9 @@ struct ShrinkSmem {
   static constexpr int BM = SgmvCfg<AT>::BM, BK = SgmvCfg<AT>::BK, RA = SgmvCfg<AT>::RA;
   AT x[BM][BK + 1];  // +1: the two token rows a warp reads fall in different banks
   AT a[RA][BK + 1];  // +1: the 16 rank rows a warp reads fall in different banks
+  // 1 where a[j][k] comes from a valid table entry: a skipped slot adds nothing,
+  // never x * 0 (Inf/NaN in x under a skipped slot must not reach v).
+  unsigned char ok[RA][BK];
 };
 
 // vs[nn * ld + (j - jb)] = v[it.n0 + nn, j] for nn < BM, j in [jb, je) (rows
@@ -85,18 +88,24 @@ __device__ void shrink_tile(const XT* __restrict__ x, int64_t x_stride, const Si
         const int j = j0 + row;
         const int64_t kg = k0 + k;
         AT val = AT(0);
+        unsigned char ok = 0;
         if (j < je && kg < h) {
           const int64_t i = kg / s;
           const int32_t p = tab[static_cast<int64_t>(j) * l + i];
-          if (valid_row(p, A.P)) val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (kg - i * s)]);
+          if (valid_row(p, A.P)) {
+            val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (kg - i * s)]);
+            ok = 1;
+          }
         }
         sm.a[row][k] = val;
+        sm.ok[row][k] = ok;
       }
       __syncthreads();
       if (j0 + jj < je) {
         AT sum = AT(0);
 #pragma unroll 8
-        for (int k = 0; k < BK; ++k) sum += sm.x[nn][k] * sm.a[jj][k];
+        for (int k = 0; k < BK; ++k)
+          if (sm.ok[jj][k]) sum += sm.x[nn][k] * sm.a[jj][k];
         vs[nn * ld + (j0 + jj - jb)] += sum;
       }
     }
