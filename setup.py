@@ -111,7 +111,7 @@ setup(
     packages=find_packages(include=["mos_ext", "mos_ext.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors>=0.4"],
-    # MoS is a PEFT method: the supported range is checked at import (mos_ext/integrations/peft.py)
+    # MoS is a PEFT method: the supported range is checked at import (mos_ext/_peft.py)
     # and tested with its oldest (0.18.1, by .ci/run) and newest (0.21.x) versions.
     extras_require={
         "train": ["transformers>=5.0", "peft>=0.18,<0.22", "accelerate>=1.0"],

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
-from .integrations.peft import PeftConfig, mos_peft_type
+from ._peft import PeftConfig, mos_peft_type
 
 METHODS = ("mos", "lora", "miss", "miss_mini")
 

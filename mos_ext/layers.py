@@ -14,7 +14,8 @@ from torch import nn
 
 from . import ops
 from .batch import single_segment
-from .integrations.peft import BaseTunerLayer, BufferDict
+from .settings import deterministic_grads
+from ._peft import BaseTunerLayer, BufferDict
 
 try:  # GPT-2 style layers keep their weight as [in, out]
     from transformers.pytorch_utils import Conv1D as _Conv1D
@@ -127,8 +128,6 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         ip, tn = single_segment(xs.shape[0], xs.device).args()
         # MoSConfig.deterministic: held on through this call, so its backward is deterministic too
         det = self.mos_deterministic.get(adapter_name, False)
-        if det:
-            from . import deterministic_grads  # the package's switch (imported late: it imports this module)
         with deterministic_grads(True) if det else contextlib.nullcontext():
             d = ops.sharded_lora(xs, pa, pb, self.mos_idx_a[adapter_name], self.mos_idx_b[adapter_name],
                                  self._scale_tensor(adapter_name, xs.device), ip, tn)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import EMBEDDING_NAMES, MoSConfig
-from .integrations.peft import BaseTuner, PREFIX, register
+from ._peft import BaseTuner, PREFIX, register
 from .layers import MoSLinear, MoSPoolBank, base_dims
 from .pools import init_pools, sample_tables
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and kernels)
+from .settings import deterministic_grads_enabled
 
 __all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "validate_tables",
            "validate_segments", "pool_grad_tap", "PoolGradTaps"]
@@ -290,13 +291,8 @@ def _unit_stride(t):
 def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant):
     """d(pool) from rank-space grads u [N, r] and activations x, via shard_grad."""
     g = torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
-    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, _deterministic())
+    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, deterministic_grads_enabled())
     return g
-
-
-def _deterministic() -> bool:
-    """mos_ext.set_deterministic_grads / MOS_EXT_DETERMINISTIC_GRADS or torch.use_deterministic_algorithms."""
-    return _C.deterministic_grads_flag() or torch.are_deterministic_algorithms_enabled()
 
 
 def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant):
@@ -346,58 +342,3 @@ def _gather_backward(ctx, dout):
 
 
 torch.library.register_autograd("mos::gather_shards", _gather_backward, setup_context=_gather_setup)
-
-
-# ----------------------------------------------------------------------------
-# CUDA kernel path (owned by the CUDA kernels; see csrc/cuda/launch.h)
-
-_CUDA_PATHS = ("auto", "generic", "fast")
-
-
-def set_cuda_path(mode: str) -> str:
-    """Choose the CUDA kernels of ``sgmv`` / ``sgmv_shrink`` / ``sgmv_expand``; returns the previous mode.
-
-    ``"auto"`` (default): the fast kernels (fp16/bf16 activations, pools in that dtype
-    or fp32, shard lengths multiples of 8, 16-byte aligned rows and pools, rank <= 1024
-    for the fused/expand kernels) wherever those hold, the generic kernels elsewhere;
-    ``"generic"``: always the generic kernels; ``"fast"``: the fast kernels wherever
-    they can run (the generic ones elsewhere). The choice is made on the host from
-    dtypes, shapes, strides and pointer alignment only, so it is CUDA-graph safe.
-    Backed by the environment variable ``MOS_EXT_CUDA_PATH``, which the CUDA ops read
-    on every call; no effect on the CPU ops.
-
-    The fast kernels (``csrc/cuda/sgmv_fast.cuh``, ``sgmv_prefill.cuh``, ``shard_grad_tc.cuh``):
-
-    * decode / split halves (fp16, bf16): fp32 FMA accumulation like the generic
-      kernels, one rounding of ``y``;
-    * fused ``sgmv`` prefill (fp16 / bf16, rank <= 64, on average >= 32 tokens per
-      segment): bf16 tensor cores, fp32 accumulation, gathered shards double-buffered
-      through shared memory with ``cp.async``. Operands that are not bf16 are split into
-      bf16 hi + lo (fp16 exactly, fp32 to ~16 bits), and so is ``v``; before ``y``'s one
-      rounding the error is at most ``(3 + e) * 2**-16`` times the sum of the absolute
-      products (plus fp32 accumulation error), ``e`` = 0 for bf16 ``x`` with bf16
-      ``pool_a``, 1 for bf16 ``x`` with fp32 ``pool_a`` or fp16 with fp16, 2 for fp16 ``x``
-      with fp32 ``pool_a``;
-    * ``shard_grad`` (fp16, bf16): tensor cores (bf16 MMAs, fp32 accumulation) with
-      ``u`` split into bf16 hi + lo and fp16 ``x`` split exactly into bf16 hi + lo: at
-      most ``2**-16`` (bf16 ``x``) or ``2**-15`` (fp16 ``x``) relative per product, fp32
-      sums; ``deterministic=False`` adds with vector atomics (which flush fp32 denormals
-      to zero), ``deterministic=True`` in two passes (per-item partials, then a
-      fixed-order reduction: bitwise reproducible), run over chunks of items whose
-      partials fit in ``MOS_EXT_DET_PART_BYTES`` bytes (default 256 MiB, read on every
-      call; the result is reproducible for a given value but depends on it).
-    """
-    if mode not in _CUDA_PATHS:
-        raise ValueError(f"cuda path must be one of {_CUDA_PATHS}, got {mode!r}")
-    previous = get_cuda_path()
-    import os
-
-    os.environ["MOS_EXT_CUDA_PATH"] = mode
-    return previous
-
-
-def get_cuda_path() -> str:
-    """The CUDA kernel path in effect (``MOS_EXT_CUDA_PATH``, default ``"auto"``)."""
-    import os
-
-    return os.environ.get("MOS_EXT_CUDA_PATH", "") or "auto"

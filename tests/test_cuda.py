@@ -480,7 +480,7 @@ def test_second_device():
 
 # ----------------------------------------------------------------------------
 # The fast path (csrc/cuda/sgmv_fast.cuh) and the generic kernels, chosen by
-# mos_ext.ops.set_cuda_path. Contiguous bf16/fp16 rows with shard lengths that
+# mos_ext.set_cuda_path. Contiguous bf16/fp16 rows with shard lengths that
 # are multiples of 8 take the fast path; the strided cases above the fallback.
 
 
@@ -493,9 +493,9 @@ def _contiguous_case(N, S, T, dtype, pool_a_dtype=None, pool_b_dtype=None, seed=
 
 @pytest.fixture
 def cuda_path():
-    previous = ops.get_cuda_path()
-    yield ops.set_cuda_path
-    ops.set_cuda_path(previous)
+    previous = mos_ext.get_cuda_path()
+    yield mos_ext.set_cuda_path
+    mos_ext.set_cuda_path(previous)
 
 
 @pytest.mark.parametrize("path", ["fast", "generic"])

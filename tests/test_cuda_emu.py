@@ -200,14 +200,14 @@ def test_fallbacks(E):
     assert E.last_sgmv_path() == "shard length is not a multiple of 8"
     p = problem(N=30, h=64, l_a=2, o=64, l_b=2, r=8, T=3, S=5, dtype=torch.bfloat16, pa=None, pb=None,
                 aligned=True, seed=3)
-    from mos_ext import ops
+    from mos_ext import settings
 
-    assert ops.set_cuda_path("generic") == "auto"  # the setter drives the env var the kernels read
+    assert settings.set_cuda_path("generic") == "auto"  # the setter drives the env var the kernels read
     run_all(E, p, False, "forced generic")
-    assert ops.set_cuda_path("fast") == "generic" and ops.get_cuda_path() == "fast"
+    assert settings.set_cuda_path("fast") == "generic" and settings.get_cuda_path() == "fast"
     run_all(E, p, True, "forced fast")
     with pytest.raises(ValueError):
-        ops.set_cuda_path("turbo")
+        settings.set_cuda_path("turbo")
     os.environ["MOS_EXT_CUDA_PATH"] = "bogus"
     with pytest.raises(ValueError, match="MOS_EXT_CUDA_PATH"):
         run_all(E, p, True, "bogus")

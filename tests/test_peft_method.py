@@ -320,7 +320,7 @@ def test_unknown_directory_kinds_name_what_is_supported(tmp_path):
 
 
 def test_peft_version_range_is_checked():
-    from mos_ext.integrations import peft as integ
+    from mos_ext import _peft as integ
 
     integ.check_version(peft.__version__)
     for bad in ("0.17.1", "0.22.0", "1.0.0"):
@@ -371,7 +371,7 @@ def test_oldest_supported_peft(tmp_path):
     if not target or not os.path.isdir(target):
         pytest.skip("set MOS_EXT_OLD_PEFT to a directory holding peft==0.18.1 (pip install --no-deps --target DIR "
                     "peft==0.18.1); .ci/run does")
-    from mos_ext.integrations.peft import PEFT_MIN
+    from mos_ext._peft import PEFT_MIN
 
     script = tmp_path / "old.py"
     script.write_text(OLD_PEFT_SCRIPT)

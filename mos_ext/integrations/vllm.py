@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..batch import Segments, add_sgmv, build_segments
+from ..settings import set_index_checks
 
 SUPPORTED = "0.32."
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
@@ -175,11 +176,9 @@ class _Runtime:
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
         self.seg: Optional[Segments] = None  # this step's segments, shared by every layer
         self._lock = threading.RLock()
-        import mos_ext
-
         # tables are validated once when written; the hot path runs without per-call value checks
         if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
-            mos_ext.set_index_checks(False)
+            set_index_checks(False)
 
     @staticmethod
     def key(lora_id: int) -> str:
