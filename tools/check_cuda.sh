@@ -10,16 +10,22 @@
 #     DEPBAR: 16-byte cp.async stages) and no local
 #     memory (LDL/STL: spills or run-time-indexed arrays) and no CALL (the
 #     64-bit integer divide and other slow-path routines are calls).
-#     cuobjdump comes from $CUDA_HOME/bin, the PATH, or the pip package
-#     nvidia-cuda-cuobjdump (installed on demand unless MOS_SASS_INSTALL=0);
-#     without it the gate fails with a message saying how to get it.
+#     cuobjdump -sass needs nvdisasm (looked up in cuobjdump's own dir, then
+#     the PATH). Each tool comes from $CUOBJDUMP / $NVDISASM, $CUDA_HOME/bin,
+#     the PATH, or the pip package nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm
+#     of nvcc's CUDA major version (installed on demand unless
+#     MOS_SASS_INSTALL=0; into $MOS_SASS_PIP_TARGET with pip --target when
+#     that is set, else into $PYTHON's environment); nvdisasm's dir is put
+#     first on cuobjdump's PATH. Without either tool the gate fails with a
+#     message naming it and saying how to get it.
 # Prints one line per check; exits non-zero if any fails or warns (warnings are
 # shown and counted as failures). Exits 0 with a notice when nvcc is absent.
 #
 # Environment: CUDA_HOME (default /usr/local/cuda-13.0 if present, else from
 # the nvcc on PATH), NVCC, CXX (default g++), PYTHON (default python),
 # MOS_CHECK_ARCHS (default "90a 80"), MOS_CHECK_JOBS (default: nproc),
-# CUOBJDUMP, MOS_SASS_INSTALL (default 1), MOS_SASS_GATE (default 1; 0 skips it).
+# CUOBJDUMP, NVDISASM, MOS_SASS_INSTALL (default 1), MOS_SASS_PIP_TARGET,
+# MOS_SASS_GATE (default 1; 0 skips it).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +80,8 @@ if [ ${#cu_files[@]} -eq 0 ]; then
   fail=1
 fi
 
-echo "check_cuda: $NVCC ($("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')), $CXX, jobs=$JOBS"
+CUDA_VERSION="$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+echo "check_cuda: $NVCC ($CUDA_VERSION), $CXX, jobs=$JOBS"
 
 # Each check runs in the background (at most $JOBS at a time) and leaves
 # $TMP/<name>.log, .rc and .secs; results are reported in a fixed order.
@@ -138,18 +145,19 @@ shard_grad_det_reduce_kernel||LDL STL CALL
 fast_items_kernel||LDL STL CALL
 '
 
-find_cuobjdump() {
-  if [ -n "${CUOBJDUMP:-}" ] && [ -x "$CUOBJDUMP" ]; then echo "$CUOBJDUMP"; return 0; fi
-  if [ -x "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" ]; then echo "$CUDA_HOME/bin/cuobjdump"; return 0; fi
-  if command -v cuobjdump >/dev/null 2>&1; then command -v cuobjdump; return 0; fi
-  "$PYTHON" - <<'PY' 2>/dev/null
+find_tool() {  # name (cuobjdump | nvdisasm); prints its path or nothing
+  local name="$1" var
+  var="$(printf '%s' "$1" | tr a-z A-Z)"
+  if [ -n "${!var:-}" ] && [ -x "${!var}" ]; then echo "${!var}"; return 0; fi
+  if [ -x "${CUDA_HOME:-/nonexistent}/bin/$name" ]; then echo "$CUDA_HOME/bin/$name"; return 0; fi
+  if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
+  # pip's nvidia-cuda-<tool> wheels: nvidia/cu13/bin/<tool> (older: nvidia/cuda_<tool>/bin/<tool>),
+  # in $MOS_SASS_PIP_TARGET or on $PYTHON's sys.path
+  "$PYTHON" - "$name" "${MOS_SASS_PIP_TARGET:-}" <<'PY' 2>/dev/null
 import glob, os, sys
-try:
-    import nvidia
-except ImportError:
-    sys.exit(1)
-for d in nvidia.__path__:
-    for c in sorted(glob.glob(os.path.join(d, '*', 'bin', 'cuobjdump'))) + sorted(glob.glob(os.path.join(d, 'cuda_cuobjdump', 'bin', 'cuobjdump'))):
+name, target = sys.argv[1], sys.argv[2]
+for d in ([target] if target else []) + sys.path:
+    for c in sorted(glob.glob(os.path.join(d or '.', 'nvidia', '*', 'bin', name))):
         if os.access(c, os.X_OK):
             print(c)
             sys.exit(0)
@@ -157,19 +165,38 @@ sys.exit(1)
 PY
 }
 
+no_tool() {  # name
+  local up; up="$(printf '%s' "$1" | tr a-z A-Z)"
+  echo "FAIL  SASS gate: no $1 (cuobjdump -sass needs both cuobjdump and nvdisasm). Looked at \$$up, $CUDA_HOME/bin, the PATH and nvidia/*/bin in ${MOS_SASS_PIP_TARGET:+$MOS_SASS_PIP_TARGET and }$PYTHON's sys.path. Install the CUDA toolkit's $1, set $up, or pip install nvidia-cuda-$1==${cuda_major:-13}.* (this script does that unless MOS_SASS_INSTALL=0); MOS_SASS_GATE=0 skips the gate."
+  fail=1
+}
+
 if [ "${MOS_SASS_GATE:-1}" != 0 ] && [[ " $ARCHS " == *" 90a "* ]]; then
-  CUOBJ="$(find_cuobjdump)"
-  if [ -z "$CUOBJ" ] && [ "${MOS_SASS_INSTALL:-1}" != 0 ]; then
-    echo "check_cuda: cuobjdump not found; pip install nvidia-cuda-cuobjdump"
-    "$PYTHON" -m pip install -q nvidia-cuda-cuobjdump >"$TMP/pip.log" 2>&1 || sed 's/^/      /' "$TMP/pip.log"
-    CUOBJ="$(find_cuobjdump)"
+  CUOBJ="$(find_tool cuobjdump)"
+  DISASM="$(find_tool nvdisasm)"
+  cuda_major="${CUDA_VERSION%%.*}"
+  missing=()  # tool names
+  [ -z "$CUOBJ" ] && missing+=(cuobjdump)
+  [ -z "$DISASM" ] && missing+=(nvdisasm)
+  if [ ${#missing[@]} -gt 0 ] && [ "${MOS_SASS_INSTALL:-1}" != 0 ]; then
+    pkgs=()
+    for t in "${missing[@]}"; do pkgs+=("nvidia-cuda-$t==${cuda_major:-13}.*"); done
+    pip_args=(-q)
+    [ -n "${MOS_SASS_PIP_TARGET:-}" ] && pip_args+=(--target "$MOS_SASS_PIP_TARGET")
+    echo "check_cuda: ${missing[*]} not found; pip install${MOS_SASS_PIP_TARGET:+ --target $MOS_SASS_PIP_TARGET} ${pkgs[*]}"
+    if ! "$PYTHON" -m pip install "${pip_args[@]}" "${pkgs[@]}" >"$TMP/pip.log" 2>&1; then
+      echo "check_cuda: pip install ${pkgs[*]} failed:"
+      sed 's/^/      /' "$TMP/pip.log"
+    fi
+    [ -z "$CUOBJ" ] && CUOBJ="$(find_tool cuobjdump)"
+    [ -z "$DISASM" ] && DISASM="$(find_tool nvdisasm)"
   fi
-  if [ -z "$CUOBJ" ]; then
-    echo "FAIL  SASS gate: no cuobjdump (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump; MOS_SASS_GATE=0 skips)"
-    fail=1
-  else
+  [ -z "$CUOBJ" ] && no_tool cuobjdump
+  [ -z "$DISASM" ] && no_tool nvdisasm
+  if [ -n "$CUOBJ" ] && [ -n "$DISASM" ]; then
+    echo "check_cuda: $CUOBJ -sass with $DISASM"
     for o in "$TMP"/*.sm_90a.o; do
-      "$CUOBJ" -sass "$o" >"$o.sass" 2>"$o.sass.err" || { echo "FAIL  cuobjdump -sass $(basename "$o")"; sed 's/^/      /' "$o.sass.err"; fail=1; }
+      PATH="$(dirname "$DISASM"):$PATH" "$CUOBJ" -sass "$o" >"$o.sass" 2>"$o.sass.err" || { echo "FAIL  cuobjdump -sass $(basename "$o")"; sed 's/^/      /' "$o.sass.err"; fail=1; }
     done
     if ! "$PYTHON" - "$TMP" "$SASS_RULES" <<'PY'
 import glob, os, re, sys
