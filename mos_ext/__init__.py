@@ -21,9 +21,9 @@ _LAZY = {
     "MoSConfig": ".config",
     "MoSLinear": ".layers",
     "MoSModel": ".model",
-    "get_mos_model": ".api",
-    "export_lora": ".api",
-    "load_adapter": ".api",
+    "get_mos_model": ".convert",
+    "export_lora": ".convert",
+    "import_adapter": ".convert",
     "read_adapter": ".adapter_io",
 }
 
@@ -55,7 +55,7 @@ __all__ = [
     "MoSLinear",
     "get_mos_model",
     "export_lora",
-    "load_adapter",
+    "import_adapter",
     "read_adapter",
     "ops",
     "gather_shards",

@@ -69,11 +69,21 @@ def mos_peft_type() -> PeftType:
     return member
 
 
+def peft_method(config_cls):
+    """Class decorator of the tuner: registers ``(config_cls, tuner)`` as PEFT's MoS method when the
+    tuner class is defined (idempotent), as PEFT's own methods register in their package."""
+
+    def deco(model_cls):
+        _register(config_cls, model_cls)
+        return model_cls
+
+    return deco
+
+
 _REGISTERED = False
 
 
-def register(config_cls, model_cls) -> None:
-    """Register MoS as a PEFT method (idempotent)."""
+def _register(config_cls, model_cls) -> None:
     global _REGISTERED
     if _REGISTERED:
         return

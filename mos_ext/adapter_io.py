@@ -1,6 +1,8 @@
 """The one adapter reader: every adapter directory or in-memory model mos_ext accepts becomes an
 :class:`AdapterSpec` here, for serving (``AdapterStore.load``), for continued training
-(``mos_ext.load_adapter``) and for the vLLM plugin. Nothing else parses adapter files.
+(``mos_ext.import_adapter``), for PEFT's loader (the tuner checks a directory before it changes a module)
+and for the vLLM plugin. Nothing else parses adapter files (:func:`adapter_kind` tells the formats apart).
+Needs no peft: configs are read as :class:`mos_ext.layout.MoSHyper`.
 
 Accepted:
 * mos_ext format 2 (``adapter_config.json`` with ``"peft_type": "MOS"`` + ``adapter_model.safetensors``),
@@ -24,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .config import EMBEDDING_NAMES
+from .layout import EMBEDDING_NAMES, PEFT_CONFIG_FIELDS, MoSHyper
 
 WEIGHTS_V2 = "adapter_model.safetensors"
 WEIGHTS_V1 = "adapter.safetensors"
@@ -43,8 +45,8 @@ class Side:
 class AdapterSpec:
     """An adapter in a layout-neutral form: per module path its A and B sides, plus scale.
 
-    Layers that share pools point at the same tensor objects. ``config`` is the MoSConfig when
-    the adapter is a mos_ext one (else None); ``types`` maps projection type -> module paths when known.
+    Layers that share pools point at the same tensor objects. ``config`` is the
+    :class:`~mos_ext.layout.MoSHyper` when the adapter is a mos_ext one (else None); ``types`` maps projection type -> module paths when known.
     """
 
     kind: str
@@ -56,6 +58,25 @@ class AdapterSpec:
     source: str = ""
     # projection type -> (in_features, out_features) of its layers, when the format implies them
     type_dims: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+    def stack(self, paths: List[str], col: int):
+        """One side (``col`` 0: A, 1: B) of the layers ``paths`` over one row space: their distinct pools
+        (by identity, in order of first use) concatenated as float32 on the CPU, and each layer's table
+        offset into it. Returns ``(pool [P, s], {path: idx [r, l] int64})``."""
+        offsets, parts, off = {}, [], 0
+        for p in paths:
+            pool = self.layers[p][col].pool
+            if id(pool) not in offsets:
+                offsets[id(pool)] = off
+                parts.append(pool.detach().to("cpu", torch.float32))
+                off += pool.shape[0]
+        big = torch.cat(parts) if parts else torch.empty(0, 1)
+        idx = {}
+        for p in paths:
+            sd = self.layers[p][col]
+            t = sd.idx.long()
+            idx[p] = torch.where(t >= 0, t + offsets[id(sd.pool)], t)
+        return big, idx
 
 
 # PEFT LoRA config keys that change what the adapter computes, which mos_ext does not apply.
@@ -72,6 +93,23 @@ _LORA_REFUSED = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "arrow_config": "Arrow routing (arrow_config)",
 }
+
+
+def adapter_kind(path) -> Optional[str]:
+    """The format of an adapter directory by its config alone: ``"mos"`` (format 2), ``"mos_v1"``,
+    ``"lora"``, ``"miss"``, another PEFT type in lower case, or None when ``path`` holds no readable
+    adapter config. Never raises; :func:`read_adapter` validates the contents."""
+    try:
+        with open(os.path.join(os.fspath(path), CONFIG_NAME)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("format") == "mos_ext":
+        return "mos_v1"
+    ptype = str(meta.get("peft_type") or "").lower()
+    return ptype or None
 
 
 def _load_json(path: str) -> dict:
@@ -127,7 +165,12 @@ def read_adapter(src, adapter_name: str = "default", dims: Optional[Dict[str, Tu
         _validate(src, src.source or "<spec>")
         return src
     if isinstance(src, torch.nn.Module):
-        spec = _spec_from_model(src, adapter_name)
+        # a PeftModel forwards attribute lookups to its tuner: MoSModel.adapter_spec
+        make = getattr(src, "adapter_spec", None)
+        if not callable(make):
+            raise TypeError(f"expected a peft.PeftModel with a MoS adapter, a mos_ext.MoSModel, an AdapterSpec or a "
+                            f"directory, got {type(src).__name__}")
+        spec = make(adapter_name)
         _validate(spec, "<model>")
         return spec
     path = os.fspath(src)
@@ -204,11 +247,9 @@ def _check_used(tensors: dict, used: set, where: str):
 
 
 # ---------------------------------------------------------------------------- mos_ext formats
-def _mos_config(d: dict, where: str):
-    from .config import MoSConfig
-
+def _mos_config(d: dict, where: str) -> MoSHyper:
     try:
-        return MoSConfig.from_dict(d)
+        return MoSHyper.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"adapter config at {where}: {e}") from None
 
@@ -216,13 +257,11 @@ def _mos_config(d: dict, where: str):
 def _spec_v2(path: str, meta: dict) -> AdapterSpec:
     import dataclasses
 
-    from .config import MoSConfig
-
-    names = {f.name for f in dataclasses.fields(MoSConfig)}
-    unknown = sorted(set(meta) - names)
+    names = {f.name for f in dataclasses.fields(MoSHyper)}
+    unknown = sorted(set(meta) - names - set(PEFT_CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"adapter config at {path}: fields {unknown} are unknown to this mos_ext (a newer format?)")
-    cfg = _mos_config({k: v for k, v in meta.items() if k != "peft_version"}, path)
+    cfg = _mos_config({k: v for k, v in meta.items() if k in names}, path)
     if not cfg.type_layers:
         raise ValueError(f"adapter config at {path}: type_layers is missing")
     tensors = _load_tensors(path, WEIGHTS_V2)
@@ -324,28 +363,6 @@ def _spec_v1(path: str, meta: dict) -> AdapterSpec:
     _check_used(tensors, used, path)
     return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg, types=types,
                        type_dims=dims)
-
-
-def _spec_from_model(m, adapter_name: str) -> AdapterSpec:
-    from .layers import MoSLinear
-    from .model import MoSModel
-
-    tuner = m.base_model if not isinstance(m, MoSModel) and isinstance(getattr(m, "base_model", None), MoSModel) else m
-    if not isinstance(tuner, MoSModel):
-        raise TypeError(f"expected a peft.PeftModel with a MoS adapter, a mos_ext.MoSModel, an AdapterSpec or a "
-                        f"directory, got {type(m).__name__}")
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} does not exist (adapters: {list(tuner.peft_config)})")
-    cfg = tuner.peft_config[adapter_name]
-    layers = {}
-    for t, paths in cfg.type_layers.items():
-        pa, pb = (p.detach() for p in tuner.pool_bank().get(adapter_name, t))
-        for p in paths:
-            lay = tuner.model.get_submodule(p)
-            assert isinstance(lay, MoSLinear)
-            layers[p] = (Side(pa, lay.mos_idx_a[adapter_name][0].cpu()), Side(pb, lay.mos_idx_b[adapter_name][0].cpu()))
-    return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg,
-                       types={t: list(v) for t, v in cfg.type_layers.items()}, source="<model>")
 
 
 # ---------------------------------------------------------------------------- PEFT formats

@@ -2,162 +2,35 @@
 
 ``peft.get_peft_model(model, MoSConfig(...))`` builds a MoS (or LoRA-as-shards, MiSS, MiSS-mini)
 adapter; ``save_pretrained`` writes this config as ``adapter_config.json`` with
-``"peft_type": "MOS"``. The pool layout per projection type is defined here (MOS.md §2).
+``"peft_type": "MOS"``. The fields, their checks and the pool layout are :class:`mos_ext.layout.MoSHyper`'s;
+this class adds PEFT's fields. Data only: reading an adapter directory is the tuner's job.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+import os
+from dataclasses import dataclass
 
 from ._peft import PeftConfig, mos_peft_type
+from .layout import DEFAULT_TARGETS, EMBEDDING_NAMES, FORMAT_VERSION, METHODS, MoSHyper
 
-METHODS = ("mos", "lora", "miss", "miss_mini")
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Embedding and output-head module names: adapters on them are not supported (refused when an
-# adapter is created and when one is read; PEFT would also save their base weights).
-EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embeddings", "embed_in", "lm_head", "embed_out")
-
-# The on-disk layout written by save_pretrained (bumped when keys or semantics change).
-FORMAT_VERSION = 2
+__all__ = ["MoSConfig", "METHODS", "DEFAULT_TARGETS", "EMBEDDING_NAMES", "FORMAT_VERSION"]
 
 
 @dataclass
-class MoSConfig(PeftConfig):
-    """Hyper-parameters of a sharded adapter (MoS by default; ``method`` picks LoRA or MiSS).
-
-    r: rank of each layer's adapter. equivalent_rank (e): the LoRA rank with the same number of
-    trainable parameters (sets the pool size). shards_per_vector (l): shards per row of A /
-    column of B. private_rank (p): rank rows private to each layer. lora_alpha: scale =
-    lora_alpha / r (MiSS: 1). lora_dropout: dropout on the adapter input. target_modules: module
-    names (suffix match, a regex string, or ``"all-linear"``, as in PEFT). tie_indices: ablation,
-    B uses A's table (no pair dissociation). seed: seeds the index tables and the init. mini_r:
-    MiSS mini's shard length of D. deterministic: pool gradients reduced in a fixed order
-    (bitwise reproducible run to run). type_layers: filled in when the adapter is injected: the
-    module paths of each projection type's layers, in pool order (saved with the adapter and
-    checked on load).
-    """
-
-    r: int = field(default=8, metadata={"help": "rank of each layer's adapter"})
-    equivalent_rank: int = field(default=2, metadata={"help": "LoRA rank with the same trainable-parameter count"})
-    shards_per_vector: int = field(default=4, metadata={"help": "shards per row of A / column of B (l)"})
-    private_rank: int = field(default=1, metadata={"help": "rank rows private to each layer (p)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "scale = lora_alpha / r"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    target_modules: Optional[Union[List[str], str]] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    seed: int = field(default=0, metadata={"help": "seed of the index tables and the init"})
-    tie_indices: bool = field(default=False, metadata={"help": "ablation: B uses A's index table"})
-    method: str = field(default="mos", metadata={"help": "one of mos, lora, miss, miss_mini"})
-    mini_r: Optional[int] = field(default=None, metadata={"help": "MiSS mini: shard length of D"})
-    deterministic: bool = field(default=False, metadata={"help": "fixed-order pool-gradient reduction"})
-    type_layers: Optional[Dict[str, List[str]]] = field(default=None, metadata={"help": "filled at injection"})
-    format_version: int = field(default=FORMAT_VERSION)
+class MoSConfig(MoSHyper, PeftConfig):
+    """:class:`~mos_ext.layout.MoSHyper` as a PEFT config (see there for the fields)."""
 
     def __post_init__(self):
-        super().__post_init__()
+        PeftConfig.__post_init__(self)
         self.peft_type = mos_peft_type()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(self.target_modules)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one module type")
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"MoSConfig format_version {self.format_version} is not supported (this mos_ext reads "
-                             f"{FORMAT_VERSION}; a format-1 directory holds adapter.safetensors and is read by "
-                             f"mos_ext.load_adapter)")
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not math.isfinite(float(self.lora_alpha)):
-            raise ValueError(f"lora_alpha must be finite, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.method == "mos":
-            e, p, l = self.equivalent_rank, self.private_rank, self.shards_per_vector
-            if e < 1:
-                raise ValueError(f"equivalent_rank must be >= 1, got {e}")
-            if l < 1:
-                raise ValueError(f"shards_per_vector must be >= 1, got {l}")
-            if not 0 <= p <= min(self.r, e):
-                raise ValueError(f"private_rank must satisfy 0 <= p <= min(r, equivalent_rank) = {min(self.r, e)}, got {p}")
-            if p == e and self.r != e:
-                raise ValueError(f"private_rank == equivalent_rank ({e}) leaves no shared shards, so r must equal it "
-                                 f"(MoS is then LoRA of rank {e}); got r={self.r}")
-        if self.method == "lora":
-            # LoRA of rank r in shard form.
-            self.equivalent_rank = self.private_rank = self.r
-            self.shards_per_vector = 1
-        if self.method == "miss_mini" and (self.mini_r is None or self.mini_r < 1):
-            raise ValueError("method='miss_mini' needs mini_r >= 1")
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.method in ("miss", "miss_mini") else self.lora_alpha / self.r
-
-    # The hyper-parameters proper (what format 1 saved), without PEFT's bookkeeping fields.
-    HYPER = ("r", "equivalent_rank", "shards_per_vector", "private_rank", "lora_alpha", "lora_dropout",
-             "target_modules", "seed", "tie_indices", "method", "mini_r")
+        self.check_hyper()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "MoSConfig":
-        """PEFT's config loader, plus: a local adapter directory is read and validated whole
-        (:func:`mos_ext.read_adapter`) before PEFT touches any model, so ``PeftModel.from_pretrained``
-        and ``PeftModel.load_adapter`` refuse a corrupt or inconsistent adapter by name. The layer sizes
-        the adapter was saved for are kept on the config (not saved) and checked at injection."""
-        import os
-
+        """PEFT's config loader; a local directory is remembered (``mos_source``, not saved) so that the
+        tuner reads and validates the whole adapter before it changes any module."""
         cfg = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         if isinstance(cfg, MoSConfig) and os.path.isdir(os.fspath(path)):
-            from .adapter_io import read_adapter
-
-            spec = read_adapter(os.fspath(path))
-            cfg.saved_dims = dict(spec.type_dims)
+            cfg.mos_source = os.fspath(path)
         return cfg
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoSConfig":
-        """Build from a plain dict of hyper-parameters (format 1's "config"), refusing unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown MoSConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    # ------------------------------------------------------------------
-    def check_type(self, name: str, h: int, o: int, L: int) -> None:
-        """Constraints that involve one projection type's dims and layer count."""
-        r = self.r
-        if self.method == "mos":
-            e, p, l = self.equivalent_rank, self.private_rank, self.shards_per_vector
-            if h % l or o % l:
-                raise ValueError(f"{name}: in-dim {h} and out-dim {o} must be divisible by shards_per_vector={l}")
-            P0 = (e - p) * L * l
-            if (r - p) * l > P0:
-                raise ValueError(f"{name}: (r - p) * l = {(r - p) * l} shared shards per layer exceed the public pool "
-                                 f"(e - p) * L * l = {P0} (r={r}, e={e}, p={p}, l={l}, L={L})")
-        elif self.method in ("miss", "miss_mini"):
-            if h % r:
-                raise ValueError(f"{name}: MiSS needs r={r} to divide the in-dim {h}")
-            if self.method == "miss_mini" and o % self.mini_r:
-                raise ValueError(f"{name}: MiSS mini needs mini_r={self.mini_r} to divide the out-dim {o}")
-
-    def layout(self, h: int, o: int, L: int):
-        """(N_A, s_a, l_a, N_B, s_b, l_b) of one type's pools."""
-        r = self.r
-        if self.method in ("mos", "lora"):
-            e, l = self.equivalent_rank, self.shards_per_vector
-            n = e * L * l
-            return n, h // l, l, n, o // l, l
-        if self.method == "miss":
-            return r, r, h // r, L * r, o, 1
-        mini = self.mini_r
-        return r, r, h // r, L * r, mini, o // mini
-
-    def trainable_per_type(self, h: int, o: int, L: int) -> int:
-        n_a, s_a, _, n_b, s_b, _ = self.layout(h, o, L)
-        a = 0 if self.method in ("miss", "miss_mini") else n_a * s_a
-        return a + n_b * s_b

@@ -13,32 +13,10 @@ import torch
 from torch import nn
 
 from . import ops
+from .bases import base_dims
 from .batch import single_segment
 from .settings import deterministic_grads
 from ._peft import BaseTunerLayer, BufferDict
-
-try:  # GPT-2 style layers keep their weight as [in, out]
-    from transformers.pytorch_utils import Conv1D as _Conv1D
-except Exception:  # pragma: no cover - transformers is optional for the ops
-    _Conv1D = None
-
-try:
-    import bitsandbytes as _bnb
-except Exception:  # pragma: no cover - optional
-    _bnb = None
-
-
-def base_dims(base: nn.Module):
-    """(in_features, out_features, kind) of a supported base layer; raises TypeError otherwise."""
-    if _bnb is not None and isinstance(base, (_bnb.nn.Linear4bit, _bnb.nn.Linear8bitLt)):
-        return base.in_features, base.out_features, "bnb"
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, "linear"
-    if _Conv1D is not None and isinstance(base, _Conv1D):
-        return base.weight.shape[0], base.weight.shape[1], "conv1d"
-    raise TypeError(f"MoS adapters support nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt "
-                    f"bases, got {type(base).__name__}")
-
 
 class MoSLinear(nn.Module, BaseTunerLayer):
     """``y = base(x) + Σ_active scale · B (A dropout(x))`` with ``A``, ``B`` gathered from shared pools.
@@ -108,6 +86,26 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         ranks = ", ".join(f"{a}: r={r}, scale={self.mos_scale[a]:g}" for a, r in self.mos_r.items())
         return f"in={self.in_features}, out={self.out_features}, {ranks}"
 
+    def validate_tables(self, adapter_name: Optional[str] = None, path: str = "") -> int:
+        """Check this layer's tables (of one adapter, or all) against the rows of the pools they index
+        (:func:`mos_ext.ops.validate_tables`, no gradient taps); returns the number of tables checked."""
+        n = 0
+        for name in list(self.mos_idx_a.keys()):
+            if adapter_name is not None and name != adapter_name:
+                continue
+            pa, pb = self.pools(name)
+            ops.validate_tables(self.mos_idx_a[name], pa.shape[0], name=f"{path}.mos_idx_a[{name!r}]")
+            ops.validate_tables(self.mos_idx_b[name], pb.shape[0], name=f"{path}.mos_idx_b[{name!r}]")
+            n += 2
+        return n
+
+    def lora_matrices(self, adapter_name: str):
+        """``(A [r, in], Bᵀ [r, out])`` of one adapter, materialized in float32 (detached)."""
+        pa, pb = self.pools(adapter_name)
+        a = ops.gather_shards(pa.detach(), self.mos_idx_a[adapter_name][0]).to(torch.float32)
+        bt = ops.gather_shards(pb.detach(), self.mos_idx_b[adapter_name][0]).to(torch.float32)
+        return a, bt
+
     # ------------------------------------------------------------------ forward
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``scale · B A x`` of one adapter for x [..., in], in x's dtype (pools converted on load)."""
@@ -151,9 +149,7 @@ class MoSLinear(nn.Module, BaseTunerLayer):
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str, dtype=torch.float32) -> torch.Tensor:
         """``scale · B A`` as an [out, in] matrix (the merge update) in ``dtype``."""
-        pa, pb = self.pools(adapter_name)
-        a = ops.gather_shards(pa.detach(), self.mos_idx_a[adapter_name][0]).to(torch.float32)  # [r, in]
-        bt = ops.gather_shards(pb.detach(), self.mos_idx_b[adapter_name][0]).to(torch.float32)  # [r, out]
+        a, bt = self.lora_matrices(adapter_name)  # [r, in], [r, out]
         return (self.mos_scale[adapter_name] * (bt.T @ a)).to(dtype)
 
     @torch.no_grad()
@@ -266,6 +262,4 @@ def _bnb_add_(layer: nn.Module, dw: torch.Tensor):
 
 def _validate_loaded(module: "MoSLinear") -> None:
     if module._mos_pools:
-        from .validation import validate_mos_tables
-
-        validate_mos_tables(module)
+        module.validate_tables()

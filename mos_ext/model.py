@@ -17,17 +17,17 @@ i.e. the compressed size: pools + tables, never a materialized LoRA.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
+from ._peft import PREFIX, BaseTuner, peft_method
+from .adapter_io import AdapterSpec, Side, read_adapter
+from .bases import base_dims
 from .config import EMBEDDING_NAMES, MoSConfig
-from ._peft import BaseTuner, PREFIX, register
-from .layers import MoSLinear, MoSPoolBank, base_dims
+from .layers import MoSLinear, MoSPoolBank
 from .pools import init_pools, sample_tables
 
 
@@ -57,6 +57,7 @@ def _base(mod: nn.Module) -> nn.Module:
     return mod.get_base_layer() if isinstance(mod, MoSLinear) else mod
 
 
+@peft_method(MoSConfig)  # registered with PEFT where the tuner is defined
 class MoSModel(BaseTuner):
     """PEFT tuner: shared shard pools per projection type, MoSLinear layers holding index tables."""
 
@@ -81,14 +82,27 @@ class MoSModel(BaseTuner):
             if tm is None:
                 raise ValueError("Please specify target_modules in the MoSConfig")
             peft_config.target_modules = list(tm)
+        source = getattr(peft_config, "mos_source", None)  # set by MoSConfig.from_pretrained
+        if source is not None:
+            # the whole directory is read and validated before any module changes; the layer sizes it
+            # was saved for are checked against this model in _plan
+            peft_config.saved_dims = dict(read_adapter(source).type_dims)
+            peft_config.mos_source = None
         return peft_config
 
     def _plan(self, cfg: MoSConfig, adapter_name: str) -> dict:
         """Targets, pools and tables of one adapter, built once for the whole model (the pools'
         size depends on how many layers share them)."""
         plan = self._mos_plans.get(adapter_name)
-        if plan is not None:
-            return plan
+        if plan is None:
+            types = self._targets(cfg)
+            dims = self._check_plan(cfg, types)  # every check before anything is created
+            plan = self._create_pools(cfg, adapter_name, types, dims)
+            self._mos_plans[adapter_name] = plan
+        return plan
+
+    def _targets(self, cfg: MoSConfig) -> "OrderedDict[str, List[str]]":
+        """Projection type -> the module paths ``cfg`` targets, in pool order."""
         names = []
         for key, mod in self.model.named_modules():
             if not key or isinstance(mod, (nn.ModuleList, nn.ModuleDict)) or ".base_layer" in key or "._mos" in key:
@@ -107,6 +121,11 @@ class MoSModel(BaseTuner):
         if isinstance(cfg.target_modules, list):  # pools are drawn in the order target_modules names the types
             rank = {n: i for i, n in enumerate(cfg.target_modules)}
             types = OrderedDict(sorted(types.items(), key=lambda kv: rank.get(kv[1][0].rsplit(".", 1)[-1], len(rank))))
+        return types
+
+    def _check_plan(self, cfg: MoSConfig, types) -> Dict[str, tuple]:
+        """Refuse a plan the adapter cannot have (other layers or sizes than it was saved for, a layout
+        the dims do not allow); returns each type's (first base layer, (in, out, kind))."""
         if cfg.type_layers is not None:
             saved = {t: list(v) for t, v in cfg.type_layers.items()}
             if saved != {t: list(v) for t, v in types.items()}:
@@ -114,16 +133,19 @@ class MoSModel(BaseTuner):
                 raise ValueError(f"this adapter was trained on other layers: its types/layers {diff[:4]} differ from "
                                  f"what target_modules={cfg.target_modules} selects in this model (a MoSConfig "
                                  f"reused for another model architecture needs type_layers=None)")
-        # every check before anything is created: a refused adapter leaves the model as it was
         saved = getattr(cfg, "saved_dims", None) or {}
         firsts = {t: _base(self.model.get_submodule(group[0])) for t, group in types.items()}
-        dims = {t: base_dims(m) for t, m in firsts.items()}
+        dims = {t: (firsts[t], base_dims(m)) for t, m in firsts.items()}
         for t, group in types.items():
-            h, o, _ = dims[t]
+            h, o, _ = dims[t][1]
             cfg.check_type(t, h, o, len(group))
             if t in saved and tuple(saved[t]) != (h, o):
                 raise ValueError(f"this adapter was saved for {t} layers of in/out features {tuple(saved[t])}; this "
                                  f"model's {t} layers have {(h, o)}")
+        return dims
+
+    def _create_pools(self, cfg: MoSConfig, adapter_name: str, types, dims) -> dict:
+        """Create the adapter's pools in the bank and draw every layer's tables."""
         params = list(self.model.parameters())
         some = next((p for p in params if p.device.type != "meta"), None)
         if some is not None:
@@ -136,8 +158,8 @@ class MoSModel(BaseTuner):
         gen = torch.Generator().manual_seed(cfg.seed)
         plan = {"layers": {}, "types": types}
         for t, group in types.items():
-            h, o, kind = dims[t]
-            w = getattr(firsts[t], "weight", None)
+            first, (h, o, kind) = dims[t]
+            w = getattr(first, "weight", None)
             dtype = w.dtype if (kind != "bnb" and w is not None and w.is_floating_point()) else torch.float32
             a, b = init_pools(cfg, h, o, len(group), gen=gen, dtype=dtype, device=device)
             ia, ib = sample_tables(cfg, h, o, len(group), gen)
@@ -145,7 +167,6 @@ class MoSModel(BaseTuner):
             for k, n in enumerate(group):
                 plan["layers"][n] = (t, ia[k], ib[k])
         cfg.type_layers = {t: list(g) for t, g in types.items()}
-        self._mos_plans[adapter_name] = plan
         return plan
 
     def _parents(self, key: str):
@@ -184,6 +205,21 @@ class MoSModel(BaseTuner):
             bank = MoSPoolBank()
             self.model.add_module(self.BANK, bank)
         return bank
+
+    def adapter_spec(self, adapter_name: str = "default") -> AdapterSpec:
+        """One adapter as an :class:`~mos_ext.adapter_io.AdapterSpec` (pools detached, tables on the CPU),
+        what :func:`mos_ext.read_adapter` returns for a model."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist (adapters: {list(self.peft_config)})")
+        cfg = self.peft_config[adapter_name]
+        layers = {}
+        for t, paths in cfg.type_layers.items():
+            pa, pb = (p.detach() for p in self.pool_bank().get(adapter_name, t))
+            for p in paths:
+                lay = self.model.get_submodule(p)
+                layers[p] = (Side(pa, lay.mos_idx_a[adapter_name][0].cpu()), Side(pb, lay.mos_idx_b[adapter_name][0].cpu()))
+        return AdapterSpec(kind=cfg.method, rank=cfg.r, scale=cfg.scale, layers=layers, config=cfg,
+                           types={t: list(v) for t, v in cfg.type_layers.items()}, source="<model>")
 
     def pools(self, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
         """{``mos_A_<type>`` / ``mos_B_<type>`` / ``mos_Afrozen_<type>``: pool} of one adapter."""
@@ -274,14 +310,3 @@ class MoSModel(BaseTuner):
 
     def _check_merge_allowed(self):
         return None
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, path, **kwargs):
-        """Thin face kept from before the PEFT method: :func:`mos_ext.load_adapter` (returns a
-        ``peft.PeftModel``; reads format 1 and 2, PEFT LoRA and PEFT MiSS directories)."""
-        from .api import load_adapter
-
-        return load_adapter(model, path, **kwargs)
-
-
-register(MoSConfig, MoSModel)

@@ -1,4 +1,4 @@
-"""Shard pools and index tables of a whole model (MOS.md §2): the one owner of shared state.
+"""Initial shard pools and index tables of one projection type (MOS.md §2); the pool bank holds them.
 
 For one projection type (q_proj, up_proj, ...) with in-dim ``h``, out-dim ``o`` and ``L``
 targeted layers, a method defines the pools ``A [N_A, s_a]``, ``B [N_B, s_b]`` and each layer's
@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
-from .config import DEFAULT_TARGETS, METHODS, MoSConfig  # noqa: F401  (the config defines the layout)
+from .layout import MoSHyper
 
-def sample_tables(cfg: MoSConfig, h: int, o: int, L: int, gen: torch.Generator):
+
+def sample_tables(cfg: MoSHyper, h: int, o: int, L: int, gen: torch.Generator):
     """Index tables of every layer of one type: (idx_a [L, r, l_a], idx_b [L, r, l_b]) int32."""
     r = cfg.r
     n_a, s_a, l_a, n_b, s_b, l_b = cfg.layout(h, o, L)
@@ -44,7 +45,7 @@ def sample_tables(cfg: MoSConfig, h: int, o: int, L: int, gen: torch.Generator):
     return idx_a.to(torch.int32).contiguous(), idx_b.to(torch.int32).contiguous()
 
 
-def init_pools(cfg: MoSConfig, h: int, o: int, L: int, gen: Optional[torch.Generator] = None,
+def init_pools(cfg: MoSHyper, h: int, o: int, L: int, gen: Optional[torch.Generator] = None,
                dtype=torch.float32, device=None):
     """Initial pools ``(A [N_A, s_a], B [N_B, s_b])`` of one type (MOS.md §2): ``A ~ U(-1/sqrt(h), 1/sqrt(h))``
     (LoRA's bound for the full in-dim), ``B = 0``; MiSS: ``A`` is the frozen identity ``I_r``."""

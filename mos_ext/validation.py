@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .ops import validate_tables
+from .layers import MoSLinear
 
 __all__ = ["validate_mos_tables"]
 
@@ -21,18 +21,4 @@ def validate_mos_tables(model: torch.nn.Module, adapter_name: Optional[str] = No
     ``[0, pool rows)``. Raises ``ValueError`` naming the module, the table and the first bad
     entry; returns the number of tables checked. Reads pools through the pool bank directly
     (no gradient taps)."""
-    from .layers import MoSLinear
-
-    n = 0
-    for path, m in model.named_modules():
-        if not isinstance(m, MoSLinear):
-            continue
-        for name in list(m.mos_idx_a.keys()):
-            if adapter_name is not None and name != adapter_name:
-                continue
-            bank, ptype = m._mos_pools[name]
-            pa, pb = bank.get(name, ptype)
-            validate_tables(m.mos_idx_a[name], pa.shape[0], name=f"{path}.mos_idx_a[{name!r}]")
-            validate_tables(m.mos_idx_b[name], pb.shape[0], name=f"{path}.mos_idx_b[{name!r}]")
-            n += 2
-    return n
+    return sum(m.validate_tables(adapter_name, path) for path, m in model.named_modules() if isinstance(m, MoSLinear))

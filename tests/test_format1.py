@@ -1,6 +1,6 @@
 """Backward compatibility: a format-1 adapter (adapter_config.json with "format": "mos_ext" +
 adapter.safetensors), written by the mos_ext of commit bcdb9ce with its old ``save_adapter``, still
-loads for training (``mos_ext.load_adapter``) and serving (``AdapterStore.load``) and gives the
+loads for training (``mos_ext.import_adapter``) and serving (``AdapterStore.load``) and gives the
 logits the old code computed. tests/data/mos_format1/make_format1.py is the script that wrote it."""
 import os
 
@@ -47,8 +47,8 @@ def test_format1_dir_is_format1_and_tiny():
     assert (EXPECTED["logits"] - EXPECTED["base_logits"]).abs().max() > 1e-2
 
 
-def test_load_adapter_reproduces_old_logits_and_trains():
-    pm = mos_ext.load_adapter(tiny_llama(), DIR)
+def test_import_adapter_reproduces_old_logits_and_trains():
+    pm = mos_ext.import_adapter(tiny_llama(), DIR)
     assert isinstance(pm, peft.PeftModel)
     cfg = pm.base_model.peft_config["default"]
     assert (cfg.method, cfg.r, cfg.equivalent_rank, cfg.shards_per_vector, cfg.private_rank) == ("mos", 3, 2, 2, 1)
@@ -70,7 +70,7 @@ def test_load_adapter_reproduces_old_logits_and_trains():
 
 
 def test_format1_resaved_as_format2_keeps_logits(tmp_path):
-    pm = mos_ext.load_adapter(tiny_llama(), DIR)
+    pm = mos_ext.import_adapter(tiny_llama(), DIR)
     pm.save_pretrained(tmp_path)
     re = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     with torch.no_grad():

@@ -227,7 +227,7 @@ def test_auto_peft_model_loads_a_saved_mos_adapter(tmp_path):
 def test_peft_lora_dir_loads_as_lora_method_with_equal_logits_and_trains(tmp_path, safe):
     d, ref = peft_lora_dir(tmp_path, safe=safe, use_rslora=True)
     assert (d / "adapter_model.bin").is_file() != safe
-    pm = mos_ext.load_adapter(llama(), d)
+    pm = mos_ext.import_adapter(llama(), d)
     assert pm.base_model.peft_config["default"].method == "lora"
     torch.testing.assert_close(logits(pm), ref, rtol=1e-5, atol=1e-5)
     loss = pm(X, labels=X).loss
@@ -238,7 +238,7 @@ def test_peft_lora_dir_loads_as_lora_method_with_equal_logits_and_trains(tmp_pat
 @pytest.mark.parametrize("init,mini_r", [(True, None), ("mini", 8)])
 def test_peft_miss_dir_loads_with_equal_logits_and_exports(tmp_path, init, mini_r):
     d, ref = peft_miss_dir(tmp_path, init, mini_r=mini_r)
-    pm = mos_ext.load_adapter(llama(), d)
+    pm = mos_ext.import_adapter(llama(), d)
     assert pm.base_model.peft_config["default"].method == ("miss_mini" if mini_r else "miss")
     assert not torch.allclose(ref, logits(llama()))
     torch.testing.assert_close(logits(pm), ref, rtol=1e-5, atol=1e-5)
@@ -271,7 +271,7 @@ def test_unsupported_peft_lora_parts_are_refused_by_name_everywhere(tmp_path, na
     model = llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=word):
-        mos_ext.load_adapter(model, d)
+        mos_ext.import_adapter(model, d)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, mos_ext.MoSLinear) for m in model.modules())
     store = store_for(llama())
@@ -301,22 +301,22 @@ def test_embedding_and_lm_head_targets_refused_at_creation(method):
 def test_unsupported_miss_parts_are_refused(tmp_path):
     d, _ = peft_miss_dir(tmp_path, "bat", r=4)
     with pytest.raises(ValueError, match="bat"):
-        mos_ext.load_adapter(llama(), d)
+        mos_ext.import_adapter(llama(), d)
     with pytest.raises(ValueError, match="bat"):
         store_for(llama()).load("x", d)
     d2, _ = peft_miss_dir(tmp_path, True, r=5)  # 32 in-features not divisible by 5: PEFT pads, we refuse
     with pytest.raises(ValueError, match="not divisible by r=5"):
-        mos_ext.load_adapter(llama(), d2)
+        mos_ext.import_adapter(llama(), d2)
     with pytest.raises(ValueError, match="not divisible by r=5"):
         store_for(llama()).load("x", d2)
 
 
 def test_unknown_directory_kinds_name_what_is_supported(tmp_path):
     with pytest.raises(FileNotFoundError, match="PEFT LoRA"):
-        mos_ext.load_adapter(llama(), tmp_path)
+        mos_ext.import_adapter(llama(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match="IA3"):
-        mos_ext.load_adapter(llama(), tmp_path)
+        mos_ext.import_adapter(llama(), tmp_path)
 
 
 def test_peft_version_range_is_checked():

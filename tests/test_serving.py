@@ -266,7 +266,7 @@ def test_from_live_model_object(adapters):
 def test_store_from_layer_dims_equals_store_from_model(adapters):
     """AdapterStore(layer_dims=...) (a serving engine's own layers, e.g. vLLM's) lays tenants out exactly as
     AdapterStore(model); read() validates without changing the store; rows_needed() is what load() takes."""
-    from mos_ext.layers import base_dims
+    from mos_ext.bases import base_dims
 
     model = tiny()
     dims = {n: base_dims(m)[:2] for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ALL7}

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..adapter_io import adapter_kind
 from ..batch import Segments, add_sgmv, build_segments
 from ..settings import set_index_checks
 
@@ -100,132 +101,94 @@ def _env_float(name: str, default: float) -> float:
 def is_mos_readable(path) -> bool:
     """True when ``path`` is an adapter directory that mos_ext serves (by its config's kind only;
     the contents are validated by the store on load)."""
-    import json
-
-    try:
-        with open(os.path.join(os.fspath(path), "adapter_config.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError, TypeError):
-        return False
-    if not isinstance(meta, dict):
-        return False
-    return meta.get("format") == "mos_ext" or str(meta.get("peft_type") or "").upper() in ("MOS", "LORA", "MISS")
+    return adapter_kind(path) in ("mos", "mos_v1", "lora", "miss")
 
 
 # ---------------------------------------------------------------------------------------- runtime
-class _Runtime:
-    """The worker's adapter store plus the bookkeeping between vLLM adapter ids and store tenants."""
+def _served_layers(manager):
+    """vLLM's adapted linear modules as the store sees them: ({hf path: (in, out)} of every output slice,
+    {vLLM module: [(hf path, offset, size)]}, the base weights' dtype or None)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    def __init__(self, manager):
-        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    packed = dict(getattr(manager, "packed_modules_mapping", {}) or {})
+    layer_dims: Dict[str, Tuple[int, int]] = {}
+    layer_slices: Dict[str, List[Tuple[str, int, int]]] = {}
+    dtype = None
+    for name, module in manager.modules.items():
+        slices = getattr(module, "output_slices", None)
+        if not isinstance(module, BaseLinearLayerWithLoRA) or slices is None:
+            continue  # embeddings, logits, MoE: not served from the store
+        if getattr(module, "tp_size", 1) != 1:
+            raise MoSAdapterError(f"{ERROR_PREFIX}: the compressed path supports tensor_parallel_size=1, "
+                                  f"{name} is split over {module.tp_size} ranks")
+        parent, _, leaf = name.rpartition(".")
+        subs = packed.get(leaf, [leaf])
+        if len(subs) != len(slices):
+            continue
+        off, entries = 0, []
+        for sub, size in zip(subs, slices):
+            path = f"{parent}.{sub}" if parent else sub
+            layer_dims[path] = (int(module.input_size), int(size))
+            entries.append((path, off, int(size)))
+            off += int(size)
+        layer_slices[name] = entries
+        if dtype is None:
+            w = getattr(module.base_layer, "weight", None)
+            if isinstance(w, torch.Tensor) and w.is_floating_point():
+                dtype = w.dtype
+    return layer_dims, layer_slices, dtype
 
-        from ..serving import AdapterStore
 
-        self.manager = manager
-        packed = dict(getattr(manager, "packed_modules_mapping", {}) or {})
-        layer_dims: Dict[str, Tuple[int, int]] = {}
-        self.layer_slices: Dict[str, List[Tuple[str, int, int]]] = {}  # vLLM module -> [(hf path, offset, size)]
-        dtype = None
-        for name, module in manager.modules.items():
-            slices = getattr(module, "output_slices", None)
-            if not isinstance(module, BaseLinearLayerWithLoRA) or slices is None:
-                continue  # embeddings, logits, MoE: not served from the store
-            if getattr(module, "tp_size", 1) != 1:
-                raise MoSAdapterError(f"{ERROR_PREFIX}: the compressed path supports tensor_parallel_size=1, "
-                                      f"{name} is split over {module.tp_size} ranks")
-            parent, _, leaf = name.rpartition(".")
-            subs = packed.get(leaf, [leaf])
-            if len(subs) != len(slices):
-                continue
-            off, entries = 0, []
-            for sub, size in zip(subs, slices):
-                path = f"{parent}.{sub}" if parent else sub
-                layer_dims[path] = (int(module.input_size), int(size))
-                entries.append((path, off, int(size)))
-                off += int(size)
-            self.layer_slices[name] = entries
-            if dtype is None:
-                w = getattr(module.base_layer, "weight", None)
-                if isinstance(w, torch.Tensor) and w.is_floating_point():
-                    dtype = w.dtype
-        cfg = manager.lora_config
-        slots = _env_int("MOS_EXT_VLLM_SLOTS", 8)
-        self.store = AdapterStore(
-            layer_dims=layer_dims,
-            target_modules=sorted({p.rsplit(".", 1)[-1] for p in layer_dims}),
-            capacity_bytes=int(_env_float("MOS_EXT_VLLM_CAPACITY_MB", 256.0) * (1 << 20)),
-            max_tenants=_env_int("MOS_EXT_VLLM_MAX_TENANTS", 256),
-            max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
-            slots=slots, dtype=dtype or cfg.lora_dtype or torch.float32, device=manager.device)
-        # layer attributes read by the patched _apply_lora_to_output
-        for name, entries in self.layer_slices.items():
-            module = manager.modules[name]
-            module._mos_runtime = self
-            module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
-                                  if path in self.store.layers]
-        # A batch holds at most max_loras distinct adapters; if each may take at most 1/max_loras of
-        # every pool, the adapters of any batch fit together, so a tenant evicted for room can always
-        # come back (from the host copy below, never from its directory), and no request is ever served
-        # without its adapter.
-        self.max_loras = int(cfg.max_loras)
-        if self.store.max_tenants < self.max_loras:
-            raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TENANTS={self.store.max_tenants} is below "
+class _Tenants:
+    """vLLM adapter ids resident in the store, least recently used first, with a host copy of each
+    adapter ever loaded (its store plan) to reload an evicted one from.
+
+    A batch holds at most ``max_loras`` distinct adapters; if each may take at most 1/``max_loras`` of
+    every pool, the adapters of any batch fit together, so a tenant evicted for room can always come
+    back (from the host copy, never from its directory), and no request is served without its adapter.
+    """
+
+    def __init__(self, store, max_loras: int, pinned):
+        self.store = store
+        self.max_loras = int(max_loras)
+        self._pinned = pinned  # () -> ids vLLM's slots hold now (never evicted)
+        if store.max_tenants < self.max_loras:
+            raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TENANTS={store.max_tenants} is below "
                                   f"--max-loras {self.max_loras}: one batch's adapters would not fit")
-        self.specs: Dict[int, object] = {}  # vLLM lora id -> its AdapterSpec, in host memory (reload source)
+        self.plans: Dict[int, object] = {}  # vLLM lora id -> its store plan, in host memory (reload source)
         self.paths: Dict[int, Tuple[str, str]] = {}  # vLLM lora id -> (name, directory)
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
-        self.seg: Optional[Segments] = None  # this step's segments, shared by every layer
-        self._lock = threading.RLock()
-        # tables are validated once when written; the hot path runs without per-call value checks
-        if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
-            set_index_checks(False)
+        self.lock = threading.RLock()
 
     @staticmethod
     def key(lora_id: int) -> str:
         return f"vllm-{int(lora_id)}"
 
-    def _pinned(self, extra=()) -> set:
-        return {i for i in self.manager.lora_index_to_id if i is not None} | set(extra)
-
     def load(self, lora_id: int, name: str, path: str, *, replace: bool, pinned=()) -> int:
         """Load ``path`` as vLLM adapter ``lora_id``; returns its rank. Evicts LRU tenants for room."""
         from ..serving import CapacityError
 
-        with self._lock:
+        with self.lock:
             key = self.key(lora_id)
             if key in self.store and not replace:
                 self.lru.move_to_end(lora_id)
                 self.paths[lora_id] = (name, path)
                 return self.store.info(key)["rank"]
-            if not replace and lora_id in self.specs:  # evicted earlier: back from the host copy
-                spec = self.specs[lora_id]
+            if not replace and lora_id in self.plans:  # evicted earlier: back from the host copy
+                plan = self.plans[lora_id]
             else:
                 try:
-                    spec = self.store.read(path)
+                    plan = self.store.read(path)  # read, validated and converted once
                 except (ValueError, TypeError, KeyError, OSError) as e:
                     raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
-            need = self.store.rows_needed(spec)
-            over = {k: n for k, n in need.items() if n > self.store.rows}
-            if over:  # larger than the whole store: refuse without evicting anyone
-                (typ, side), n = next(iter(over.items()))
-                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}, "
-                                      f"more than the store's whole capacity of {self.store.rows} rows per type "
-                                      f"(raise MOS_EXT_VLLM_CAPACITY_MB)")
-            share = self.store.rows // self.max_loras
-            over = {k: n for k, n in need.items() if n > share}
-            if over:  # would not fit beside max_loras - 1 others in one batch
-                (typ, side), n = next(iter(over.items()))
-                raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}; "
-                                      f"with --max-loras {self.max_loras} an adapter may use at most {share} of the "
-                                      f"store's capacity of {self.store.rows} rows per type, so that any batch's "
-                                      f"adapters fit together (raise MOS_EXT_VLLM_CAPACITY_MB or lower --max-loras)")
+            self._check_share(plan, name, path)
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
                 self.lru.pop(lora_id, None)
-            keep = self._pinned(pinned) - {lora_id}
+            keep = (set(self._pinned()) | set(pinned)) - {lora_id}
             while True:
                 try:
-                    self.store.load(key, spec)
+                    self.store.load(key, plan)
                     break
                 except CapacityError as e:
                     victim = next((i for i in self.lru if i not in keep), None)
@@ -239,13 +202,30 @@ class _Runtime:
                                 "from its host copy when requested", self.paths[victim][0], name)
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
-            self.specs[lora_id] = spec
-            return spec.rank
+            self.plans[lora_id] = plan
+            return plan.rank
 
-    def set_mapping(self, index_mapping) -> None:
-        """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""
-        with self._lock:
-            ids = sorted({int(i) for i in index_mapping if i > 0})
+    def _check_share(self, plan, name: str, path: str) -> None:
+        need = plan.rows_needed()
+        rows = self.store.rows
+        over = {k: n for k, n in need.items() if n > rows}
+        if over:  # larger than the whole store: refuse without evicting anyone
+            (typ, side), n = next(iter(over.items()))
+            raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}, "
+                                  f"more than the store's whole capacity of {rows} rows per type "
+                                  f"(raise MOS_EXT_VLLM_CAPACITY_MB)")
+        share = rows // self.max_loras
+        over = {k: n for k, n in need.items() if n > share}
+        if over:  # would not fit beside max_loras - 1 others in one batch
+            (typ, side), n = next(iter(over.items()))
+            raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: it needs {n} store rows of {typ} side {side}; "
+                                  f"with --max-loras {self.max_loras} an adapter may use at most {share} of the "
+                                  f"store's capacity of {rows} rows per type, so that any batch's "
+                                  f"adapters fit together (raise MOS_EXT_VLLM_CAPACITY_MB or lower --max-loras)")
+
+    def slots_for_step(self, ids) -> Dict[int, int]:
+        """Reload the step's evicted adapters, mark them used; {lora id: store slot, -1 if not ours}."""
+        with self.lock:
             for i in ids:  # a tenant evicted for room comes back from its host copy
                 if self.key(i) not in self.store and i in self.paths:
                     name, path = self.paths[i]
@@ -254,13 +234,50 @@ class _Runtime:
                     self.load(i, name, path, replace=False, pinned=ids)
                 if i in self.lru:
                     self.lru.move_to_end(i)
+            return {i: self.store.slot(self.key(i)) if self.key(i) in self.store else -1 for i in ids}
+
+
+class _Runtime:
+    """One vLLM worker's store: its tenants, and this step's segments applied by every adapted layer."""
+
+    def __init__(self, manager):
+        from ..serving import AdapterStore
+
+        self.manager = manager
+        layer_dims, self.layer_slices, dtype = _served_layers(manager)
+        cfg = manager.lora_config
+        self.store = AdapterStore(
+            layer_dims=layer_dims,
+            target_modules=sorted({p.rsplit(".", 1)[-1] for p in layer_dims}),
+            capacity_bytes=int(_env_float("MOS_EXT_VLLM_CAPACITY_MB", 256.0) * (1 << 20)),
+            max_tenants=_env_int("MOS_EXT_VLLM_MAX_TENANTS", 256),
+            max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
+            slots=_env_int("MOS_EXT_VLLM_SLOTS", 8), dtype=dtype or cfg.lora_dtype or torch.float32,
+            device=manager.device)
+        # layer attributes read by the patched _apply_lora_to_output
+        for name, entries in self.layer_slices.items():
+            module = manager.modules[name]
+            module._mos_runtime = self
+            module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
+                                  if path in self.store.layers]
+        self.tenants = _Tenants(self.store, cfg.max_loras,
+                                lambda: {i for i in manager.lora_index_to_id if i is not None})
+        self.seg: Optional[Segments] = None  # this step's segments, shared by every layer
+        # tables are validated once when written; the hot path runs without per-call value checks
+        if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
+            set_index_checks(False)
+
+    def load(self, lora_id: int, name: str, path: str, *, replace: bool) -> int:
+        return self.tenants.load(lora_id, name, path, replace=replace)
+
+    def set_mapping(self, index_mapping) -> None:
+        """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""
+        with self.tenants.lock:
+            ids = sorted({int(i) for i in index_mapping if i > 0})
+            slot_of = self.tenants.slots_for_step(ids)  # not ours (vLLM dummy): -1, rows untouched
             if not ids:
                 self.seg = None
                 return
-            slot_of = {0: -1}
-            for i in ids:
-                k = self.key(i)
-                slot_of[i] = self.store.slot(k) if k in self.store else -1  # not ours (vLLM dummy): untouched
             rows = [slot_of.get(int(i), -1) if i > 0 else -1 for i in index_mapping]
             seg = build_segments(rows, device=self.store.device, merge=True)  # one row per token
             self.seg = seg if seg.active else None

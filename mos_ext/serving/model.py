@@ -1,7 +1,7 @@
 """MultiTenantModel: one base model, many tenants per batch, one ``sgmv`` per adapted layer."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn

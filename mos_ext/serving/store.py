@@ -14,7 +14,6 @@ composite rows, deduplicated, so that LoRA, MoS and MiSS tenants of any rank mix
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -23,59 +22,13 @@ import torch
 from torch import nn
 
 from ..adapter_io import AdapterSpec, read_adapter
-from ..layers import base_dims
-from ..ops import validate_tables
+from ..bases import layer_dims as model_layer_dims
+from ..layout import DEFAULT_TARGETS
+from .reshard import StorePlan, plan_adapter, plan_layout
 
 
 class CapacityError(RuntimeError):
     """The store has no room for an adapter (rows or tenant slots); nothing was changed."""
-
-
-def _reshard(pool: torch.Tensor, idx: torch.Tensor, s_store: int):
-    """Re-express (pool [P, s], idx [..., l]) with shard length s_store.
-
-    Returns (rows [P', s_store], idx' [..., l * s // s_store]) where idx' indexes rows.
-    """
-    P, s = pool.shape
-    lead = idx.shape[:-1]
-    l = idx.shape[-1]
-    if s == s_store:
-        return pool, idx
-    if s % s_store == 0:  # split every shard into k rows
-        k = s // s_store
-        rows = pool.reshape(P * k, s_store)
-        ids = idx.unsqueeze(-1) * k + torch.arange(k, dtype=idx.dtype)
-        ids = torch.where(idx.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1))
-        return rows, ids.reshape(*lead, l * k)
-    if s_store % s == 0:  # join m consecutive shards into one composite row (deduplicated)
-        m = s_store // s
-        if l % m:
-            raise ValueError(f"cannot re-shard {l} slots of length {s} into rows of length {s_store}")
-        tuples = idx.reshape(-1, m)
-        uniq, inverse = torch.unique(tuples, dim=0, return_inverse=True)
-        empty = (uniq < 0).all(dim=1)
-        parts = pool[uniq.clamp(min=0).long()]  # [U, m, s]
-        parts = torch.where((uniq >= 0).unsqueeze(-1), parts, torch.zeros_like(parts))
-        rows = parts.reshape(-1, s_store)
-        ids = inverse.to(idx.dtype)
-        ids = torch.where(empty[inverse], torch.full_like(ids, -1), ids)
-        return rows, ids.reshape(*lead, l // m)
-    g = math.gcd(s, s_store)  # neither divides the other: split to the gcd, then join
-    rows, ids = _reshard(pool, idx, g)
-    return _reshard(rows, ids, s_store)
-
-
-def _compact(rows: torch.Tensor, idx_list: List[torch.Tensor]):
-    """Keep only the rows some table uses; renumber the tables."""
-    used = torch.cat([t.reshape(-1) for t in idx_list]) if idx_list else torch.empty(0, dtype=torch.long)
-    used = torch.unique(used[used >= 0])
-    remap = torch.full((rows.shape[0],), -1, dtype=torch.long)
-    remap[used.long()] = torch.arange(used.numel())
-    out = []
-    for t in idx_list:
-        tl = t.long()
-        out.append(torch.where(tl >= 0, remap[tl.clamp(min=0)], tl))
-    return rows[used.long()], out
 
 
 class AdapterStore:
@@ -95,8 +48,6 @@ class AdapterStore:
     def __init__(self, model: Optional[nn.Module] = None, *, capacity_bytes: int, target_modules=None,
                  max_tenants: int = 256, max_rank: int = 64, slots: int = 8, dtype=None, device=None,
                  layer_dims: Optional[Dict[str, Tuple[int, int]]] = None):
-        from ..pools import DEFAULT_TARGETS
-
         if (model is None) == (layer_dims is None):
             raise ValueError("AdapterStore needs exactly one of model and layer_dims")
         if model is not None:
@@ -111,13 +62,7 @@ class AdapterStore:
         self.layers: "OrderedDict[str, str]" = OrderedDict()  # module path -> type key
         self.type_dims: Dict[str, Tuple[int, int]] = {}
         if model is not None:
-            found = []
-            for name, mod in model.named_modules():
-                try:
-                    h, o, _ = base_dims(mod)
-                except TypeError:
-                    continue
-                found.append((name, h, o))
+            found = [(name, h, o) for name, (h, o) in model_layer_dims(model, unwrap=False).items()]
         else:
             found = []
             for name, dims in layer_dims.items():
@@ -180,9 +125,6 @@ class AdapterStore:
             return self._tenants[name]["bytes"]
         return sum(t["bytes"] for t in self._tenants.values())
 
-    def capacity_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for d in (self.pool_a, self.pool_b) for p in d.values())
-
     def free_rows(self) -> Dict[Tuple[str, str], int]:
         return {k: len(v) for k, v in self._free.items()}
 
@@ -192,7 +134,8 @@ class AdapterStore:
 
         ``adapter``: anything :func:`mos_ext.read_adapter` reads: a MoS/MiSS/LoRA-as-shards adapter
         directory (``save_pretrained``; format 1 too), a PEFT LoRA or PEFT MiSS directory, a
-        ``PeftModel`` holding a MoS adapter, or an AdapterSpec; unsupported parts are refused.
+        ``PeftModel`` holding a MoS adapter, an AdapterSpec, or a plan from :meth:`read`; unsupported
+        parts are refused.
         Everything is validated and converted before the store changes; on any error
         (ValueError, CapacityError) the store and every loaded tenant are as before.
         """
@@ -200,10 +143,10 @@ class AdapterStore:
             raise ValueError("adapter name must be a non-empty string")
         if name in self._tenants:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first")
-        spec = self._read_spec(adapter)
-        plan = self._plan(spec)
+        plan = self._as_plan(adapter)
+        spec = plan.spec
         with self._lock:
-            need = {k: len(v[0]) for k, v in plan["rows"].items()}
+            need = plan.rows_needed()
             short = {k: (n, len(self._free[k])) for k, n in need.items() if n > len(self._free[k])}
             if short:
                 (k, (n, free)), = list(short.items())[:1]
@@ -214,13 +157,13 @@ class AdapterStore:
                 raise CapacityError(f"store is full: all {self.max_tenants} tenant slots are taken")
             slot = self._free_slots.pop()
             taken = {}
-            for key, (rows_t, _) in plan["rows"].items():
+            for key, (rows_t, _) in plan.rows.items():
                 ids = [self._free[key].pop() for _ in range(rows_t.shape[0])]
                 taken[key] = ids
                 if ids:
                     pool = self.pool_a[key[0]] if key[1] == "A" else self.pool_b[key[0]]
                     pool[torch.tensor(ids, device=self.device)] = rows_t.to(device=self.device, dtype=self.dtype)
-            for path, (ia, ib) in plan["tables"].items():
+            for path, (ia, ib) in plan.tables.items():
                 key = self.layers[path]
                 for side, local, dest in (("A", ia, self.idx_a[path]), ("B", ib, self.idx_b[path])):
                     gid = torch.tensor(taken[(key, side)] + [0], dtype=torch.long)  # +[0]: safe for empty
@@ -251,66 +194,32 @@ class AdapterStore:
             self._free_slots.append(slot)
 
     # ------------------------------------------------------------------ conversion
-    def _plan(self, spec: AdapterSpec):
+    def _plan(self, spec: AdapterSpec) -> StorePlan:
         """Convert an AdapterSpec to store rows and local tables (no store change)."""
-        if spec.rank > self.max_rank:
-            raise ValueError(f"adapter rank {spec.rank} exceeds the store's max_rank={self.max_rank}")
-        missing = [p for p in spec.layers if p not in self.layers]
-        if missing:
-            raise ValueError(f"adapter targets modules the store does not serve: {missing[:3]}")
-        by_key: Dict[Tuple[str, str], dict] = {}
-        tables: Dict[str, list] = {}
-        for path, (sa, sb) in spec.layers.items():
-            key = self.layers[path]
-            h, o = self.type_dims[key]
-            for side, sd, dim in (("A", sa, h), ("B", sb, o)):
-                if sd.idx.shape[0] != spec.rank:
-                    raise ValueError(f"{path}: table {side} has {sd.idx.shape[0]} rank rows, adapter rank is {spec.rank}")
-                if sd.idx.shape[1] * sd.pool.shape[1] != dim:
-                    raise ValueError(f"{path}: side {side} covers {sd.idx.shape[1]} x {sd.pool.shape[1]} features, "
-                                     f"the model's layer has {dim}")
-                s_store = dim // self.slots
-                g = by_key.setdefault((key, side), dict(pools={}, entries=[]))
-                pid = id(sd.pool)
-                g["pools"].setdefault(pid, sd.pool)
-                g["entries"].append((path, pid, sd.idx.long()))
-        rows_out = {}
-        for (key, side), g in by_key.items():
-            h, o = self.type_dims[key]
-            s_store = (h if side == "A" else o) // self.slots
-            # one shared row space per (type, side): concatenate the adapter's distinct pools
-            offsets, parts, off = {}, [], 0
-            for pid, pool in g["pools"].items():
-                offsets[pid] = off
-                parts.append(pool.detach().to("cpu", torch.float32))
-                off += pool.shape[0]
-            big = torch.cat(parts) if parts else torch.empty(0, 1)
-            idx_all = [torch.where(t >= 0, t + offsets[pid], t) for _, pid, t in g["entries"]]
-            stacked = torch.stack(idx_all)  # [L, r, l]
-            rows, new_idx = _reshard(big, stacked, s_store)
-            rows, (new_idx,) = _compact(rows, [new_idx])
-            # validated once here, before the store changes: per-call checks stay off on CUDA
-            validate_tables(new_idx.to(torch.int32), rows.shape[0], name=f"{key} {side} tables")
-            rows_out[(key, side)] = (rows, new_idx)
-            for k, (path, _, _) in enumerate(g["entries"]):
-                tables.setdefault(path, [None, None])[0 if side == "A" else 1] = new_idx[k]
-        return dict(rows=rows_out, tables={p: tuple(v) for p, v in tables.items()})
+        return plan_adapter(spec, self.layers, self.type_dims, self.slots, self.max_rank)
 
-    def read(self, adapter) -> AdapterSpec:
+    def read(self, adapter) -> StorePlan:
         """Read and validate ``adapter`` for this store's layers (:func:`mos_ext.read_adapter` with the
-        store's layer dims) and check that it fits a tenant slot (layers served, rank <= max_rank,
-        shapes); nothing changes. ``load(name, spec)`` then skips the file read."""
-        spec = self._read_spec(adapter)
-        self._plan(spec)
-        return spec
+        store's layer dims), check that it fits a tenant slot (layers served, rank <= max_rank, shapes)
+        and convert it to store rows; nothing changes. ``load(name, plan)`` then neither reads nor
+        converts again (the plan holds the adapter's spec and rows: a host copy to reload from)."""
+        return self._plan(self._read_spec(adapter))
 
     def _read_spec(self, adapter) -> AdapterSpec:
         dims = {p: self.type_dims[k] for p, k in self.layers.items()}
         return read_adapter(adapter, dims=dims)
 
-    def rows_needed(self, spec: AdapterSpec) -> Dict[Tuple[str, str], int]:
-        """Store rows per (type key, side) that loading ``spec`` takes."""
-        return {k: int(v[0].shape[0]) for k, v in self._plan(spec)["rows"].items()}
+    def _as_plan(self, adapter) -> StorePlan:
+        if isinstance(adapter, StorePlan):
+            if adapter.layout == plan_layout(self.layers, self.type_dims, self.slots, self.max_rank):
+                return adapter
+            adapter = adapter.spec  # made for another store layout: convert again
+        return self._plan(self._read_spec(adapter))
+
+    def rows_needed(self, adapter) -> Dict[Tuple[str, str], int]:
+        """Store rows per (type key, side) that loading ``adapter`` (a plan from :meth:`read`, or
+        anything ``load`` takes) takes."""
+        return self._as_plan(adapter).rows_needed()
 
     def table_bytes_per_tenant(self) -> int:
         """Bytes of int32 index tables one tenant slot holds (all layers, both sides)."""

@@ -1,20 +1,25 @@
-"""Functions around the PEFT path: the short spelling, import of other adapters, export.
+"""Conversions around the PEFT path: the short spelling, importing other adapters, exporting a LoRA.
 
     model = mos_ext.get_mos_model(hf_model, MoSConfig(...))    # = peft.get_peft_model(hf_model, cfg)
-    model = mos_ext.load_adapter(hf_model, "dir")               # any adapter read_adapter reads, trainable
+    model = mos_ext.import_adapter(hf_model, "lora_dir")        # PEFT LoRA / MiSS / format 1 -> trainable MoS
     mos_ext.export_lora(model, "lora_dir")                       # materialized PEFT LoRA
+
+A MoS adapter saved by ``save_pretrained`` (format 2) is a PEFT adapter: ``peft.PeftModel.from_pretrained``
+loads it (``is_trainable=True`` to train on).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import torch
 from torch import nn
 
-from .adapter_io import read_adapter
+from .adapter_io import adapter_kind, read_adapter
+from .bases import layer_dims
 from .config import MoSConfig
-from .layers import MoSLinear, base_dims
+from .model import MoSModel
 
 
 def get_mos_model(model: nn.Module, cfg: MoSConfig, adapter_name: str = "default", **kwargs):
@@ -26,9 +31,7 @@ def get_mos_model(model: nn.Module, cfg: MoSConfig, adapter_name: str = "default
     return peft.get_peft_model(model, cfg, adapter_name=adapter_name, **kwargs)
 
 
-def _tuner(model):
-    from .model import MoSModel
-
+def _tuner(model) -> MoSModel:
     if isinstance(model, MoSModel):
         return model
     inner = getattr(model, "base_model", None)
@@ -37,52 +40,31 @@ def _tuner(model):
     raise TypeError(f"expected a peft.PeftModel holding a MoS adapter, got {type(model).__name__}")
 
 
-def _layer_dims(model: nn.Module):
-    dims = {}
-    for n, m in model.named_modules():
-        base = m.get_base_layer() if isinstance(m, MoSLinear) else m
-        try:
-            h, o, _ = base_dims(base)
-        except TypeError:
-            continue
-        dims[n] = (h, o)
-    return dims
+def import_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = True, **kwargs):
+    """Turn another kind of adapter into a MoS ``PeftModel`` on ``model`` (trainable by default).
 
-
-def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = True, **kwargs):
-    """Load any adapter mos_ext reads onto ``model`` as a trainable (or frozen) MoS ``PeftModel``.
-
-    * a format-2 mos_ext directory: ``peft.PeftModel.from_pretrained`` (PEFT's own path);
-    * a format-1 mos_ext directory, a PEFT LoRA (as ``method="lora"``) or a PEFT MiSS directory
-      (as ``method="miss"`` / ``"miss_mini"``): read by :func:`mos_ext.read_adapter`, then the
-      pools and tables are put into a fresh MoS adapter; logits equal the source adapter's.
-    Everything is read and validated before ``model`` is touched.
+    Reads a PEFT LoRA directory (as ``method="lora"``), a PEFT MiSS directory (``method="miss"`` /
+    ``"miss_mini"``) or a format-1 mos_ext directory with :func:`mos_ext.read_adapter`, then puts its
+    pools and tables into a fresh MoS adapter; logits equal the source adapter's. Everything is read
+    and validated before ``model`` is touched. A format-2 MoS directory is refused: it is PEFT's
+    own format, loaded by ``peft.PeftModel.from_pretrained(model, path, is_trainable=True)``.
     """
     import peft
 
     path = os.fspath(path)
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            meta = json.load(open(cfg_path))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-        if isinstance(meta, dict) and str(meta.get("peft_type") or "").upper() == "MOS":
-            # PEFT's loader validates the whole directory (MoSConfig.from_pretrained -> read_adapter) and
-            # MoSModel refuses other layer sizes before creating anything: the model stays untouched
-            return peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                                  **kwargs)
-    spec = read_adapter(path, dims=_layer_dims(model))
+    if adapter_kind(path) == "mos":
+        raise ValueError(f"{path} is a MoS adapter saved by save_pretrained: load it with "
+                         f"peft.PeftModel.from_pretrained(model, path, is_trainable=True)")
+    dims = layer_dims(model)
+    spec = read_adapter(path, dims=dims)
     if spec.config is not None:
-        cfg = spec.config
-        cfg.type_layers = None
+        cfg = MoSConfig(**{**dataclasses.asdict(spec.config), "type_layers": None})
     else:
         cfg = MoSConfig(method=spec.kind, r=spec.rank, lora_alpha=spec.scale * spec.rank,
                         mini_r=(spec.layers[next(iter(spec.layers))][1].pool.shape[1] if spec.kind == "miss_mini" else None),
                         target_modules=sorted(spec.layers))
     cfg.inference_mode = not is_trainable
     # dry run on a meta copy is not possible for arbitrary models: check targets against the spec first
-    dims = _layer_dims(model)
     missing = [p for p in spec.layers if p not in dims]
     if missing:
         raise ValueError(f"adapter at {path} adapts modules the model does not have: {missing[:3]}")
@@ -98,26 +80,16 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
         for t, paths in types.items():
             for side, col in (("A", 0), ("B", 1)):
                 pool = tuner.pool_bank().get(adapter_name, t)[col]
-                # this type's pools in the source: its distinct pool tensors, in layer order, stacked
-                order, parts, off = {}, [], 0
-                for p in paths:
-                    sd = spec.layers[p][col]
-                    if id(sd.pool) not in order:
-                        order[id(sd.pool)] = off
-                        parts.append(sd.pool)
-                        off += sd.pool.shape[0]
-                src = torch.cat([q.to(torch.float32) for q in parts])
+                src, idx = spec.stack(paths, col)  # this type's distinct source pools, in layer order, stacked
                 if tuple(src.shape) != tuple(pool.shape):
                     tuner.unload()
                     raise ValueError(f"adapter at {path}: {t} pool {side} is {tuple(src.shape)}, a MoS adapter of this "
                                      f"config has {tuple(pool.shape)}")
                 pool.copy_(src.to(pool.dtype))
                 for p in paths:
-                    sd = spec.layers[p][col]
-                    idx = torch.where(sd.idx >= 0, sd.idx + order[id(sd.pool)], sd.idx).to(torch.int32)
                     lay = tuner.model.get_submodule(p)
                     buf = lay.mos_idx_a if side == "A" else lay.mos_idx_b
-                    buf[adapter_name].copy_(idx.reshape(buf[adapter_name].shape))
+                    buf[adapter_name].copy_(idx[p].to(torch.int32).reshape(buf[adapter_name].shape))
     return pm
 
 
@@ -133,9 +105,7 @@ def export_lora(model, path: str, adapter_name: str = "default") -> None:
     for n, layer in tuner.mos_layers():
         if adapter_name not in layer.mos_idx_a:
             continue
-        pa, pb = layer.pools(adapter_name)
-        a = torch.ops.mos.gather_shards(pa.detach().float(), layer.mos_idx_a[adapter_name][0])  # [r, in]
-        bt = torch.ops.mos.gather_shards(pb.detach().float(), layer.mos_idx_b[adapter_name][0])  # [r, out]
+        a, bt = layer.lora_matrices(adapter_name)  # [r, in], [r, out]
         sd[f"base_model.model.{n}.lora_A.weight"] = a.contiguous().cpu()
         sd[f"base_model.model.{n}.lora_B.weight"] = bt.T.contiguous().cpu()
         fan_in_fan_out = fan_in_fan_out or layer.base_kind == "conv1d"
