@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _plot import pyplot  # noqa: E402
 from _timing import median_time  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -130,12 +131,8 @@ def main():
                 command="python benchmarks/bench_serving.py" + (" --quick" if a.quick else ""))
     with open(os.path.join(out, "serving.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, shape, x in ((axes[0], "decode", "B"), (axes[1], "prefill", "tenants")):
             sel = [r for r in rows if r["shape"] == shape]
@@ -153,8 +150,6 @@ def main():
         fig.tight_layout()
         fig.savefig(os.path.join(out, "serving.png"), dpi=110)
         print("plot:", os.path.join(out, "serving.png"))
-    except ImportError:
-        print("matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":

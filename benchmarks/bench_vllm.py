@@ -37,6 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import vllm_util as U  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _plot import pyplot  # noqa: E402
+
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -292,12 +295,8 @@ def main():
         json.dump(dict(info=info, rows=rows, runs={k: {**v, "by_tenants": {str(n): r for n, r in v["by_tenants"].items()}}
                                                   for k, v in runs.items()}, memory=mem), f, indent=2)
     print(f"wrote {a.out}")
-    if a.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot() if a.png else None
+    if plt is not None:
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
         xs = [r["tenants"] for r in rows]
         ax[0].plot(xs, [r["lora_tok_s"] for r in rows], "o-", label=f"vLLM LoRA r={a.rank}")

@@ -72,6 +72,9 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from _plot import pyplot  # noqa: E402
+
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Sizes. quick: CPU, ~20 minutes on 2 cores. full: GPU.
@@ -397,13 +400,8 @@ def table(rows, base_loss):
 
 
 def plot(rows, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 5))
     # label: (format, colour, x offset factor; the ablations share MoS e=2's budget, so they are drawn
@@ -972,15 +970,10 @@ def _plot_ablations(ax, sw, res):
 
 
 def plot_depth(sw, res, sav_plot, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNG (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
+    import matplotlib.ticker
     n = 1 + len(sw.depths) + (1 if sw.ablate_e else 0)
     cols = min(3, n)
     rows = math.ceil(n / cols)
