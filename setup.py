@@ -114,6 +114,7 @@ setup(
     # MoS is a PEFT method: the supported range is checked at import (mos_ext/_peft.py)
     # and tested with its oldest (0.18.1, by .ci/run) and newest (0.21.x) versions.
     extras_require={
+        "bench": ["matplotlib"],  # the PNGs of benchmarks/ (skipped without it; tables and JSON are not)
         "train": ["transformers>=5.0", "peft>=0.18,<0.22", "accelerate>=1.0"],
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "numpy", "transformers>=5.0", "peft>=0.18,<0.22",
                  "accelerate>=1.0", "bitsandbytes>=0.45", "trl>=1.0", "datasets",
