@@ -118,7 +118,8 @@ setup(
         "train": ["transformers>=5.0", "peft>=0.18,<0.22", "accelerate>=1.0"],
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "numpy", "transformers>=5.0", "peft>=0.18,<0.22",
                  "accelerate>=1.0", "bitsandbytes>=0.45", "trl>=1.0", "datasets",
-                 "openai>=1.0"],  # tests/test_vllm.py drives the vLLM server (its own venv, see .ci/run)
+                 "openai>=1.0",  # tests/test_vllm.py drives the vLLM server (its own venv, see .ci/run)
+                 "import-linter>=2.0"],  # lint-imports: the import contracts in .importlinter (.ci/run)
     },
     # the vLLM plugin (mos_ext/integrations/vllm.py): vLLM calls it in each of its processes;
     # MOS_EXT_VLLM_PLUGIN=0 switches it off

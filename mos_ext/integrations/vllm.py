@@ -48,6 +48,7 @@ import torch
 
 from ..adapter_io import adapter_kind
 from ..batch import Segments, add_sgmv, build_segments
+from ..serving import AdapterStore, CapacityError
 from ..settings import set_index_checks
 
 SUPPORTED = "0.32."
@@ -166,8 +167,6 @@ class _Tenants:
 
     def load(self, lora_id: int, name: str, path: str, *, replace: bool, pinned=()) -> int:
         """Load ``path`` as vLLM adapter ``lora_id``; returns its rank. Evicts LRU tenants for room."""
-        from ..serving import CapacityError
-
         with self.lock:
             key = self.key(lora_id)
             if key in self.store and not replace:
@@ -241,8 +240,6 @@ class _Runtime:
     """One vLLM worker's store: its tenants, and this step's segments applied by every adapted layer."""
 
     def __init__(self, manager):
-        from ..serving import AdapterStore
-
         self.manager = manager
         layer_dims, self.layer_slices, dtype = _served_layers(manager)
         cfg = manager.lora_config

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..batch import BatchMetadata, add_sgmv
-from ..layers import base_dims
+from ..bases import base_dims
 from .store import AdapterStore
 
 
