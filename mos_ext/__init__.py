@@ -40,7 +40,7 @@ def __getattr__(name):
 def _register_peft_method():
     """Make MoS a PEFT method as soon as mos_ext is imported, so that ``PeftModel.from_pretrained``
     and transformers' ``load_adapter`` read MoS adapter directories. Without peft installed the
-    ops and serving still work; an unsupported peft version raises here, naming it."""
+    ops, serving and the vLLM plugin still work (``.importlinter`` keeps them free of peft); an unsupported peft version raises here, naming it."""
     import importlib.util
 
     if importlib.util.find_spec("peft") is not None:
