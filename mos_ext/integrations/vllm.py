@@ -16,7 +16,7 @@ patches live here and nowhere else):
   mapping becomes ``sgmv`` segments (runs of tokens with the same tenant, ``-1`` for base
   tokens), built once and shared by every layer; evicted tenants of the batch are reloaded.
 * ``BaseLinearLayerWithLoRA._apply_lora_to_output`` (worker, every adapted linear layer): the
-  adapter math is one ``torch.ops.mos.sgmv`` per output slice (packed q/k/v and gate/up are
+  adapter math is one ``sgmv`` per output slice (``mos_ext.batch.add_sgmv``) (packed q/k/v and gate/up are
   sliced) instead of vLLM's punica ops, so base rows stay untouched whatever the slots hold
   (vLLM 0.32's CPU ops apply the last slot to ``-1`` rows when all slots are full).
 * ``OpenAIServingModels.load_lora_adapter`` (API server): a load refused by mos_ext (corrupt or
