@@ -69,12 +69,25 @@ __device__ void expand_tile(XT* __restrict__ y, int64_t y_stride, const AT* vsrc
       sm.ok[jj][cc] = ok;
     }
     __syncthreads();
+    // Skipped slots hold zero shards, so the plain products are exact unless a
+    // non-finite v (or scale) met one (Inf * 0 = NaN): only then redo the chunk skipping them.
+    AT part[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) part[q] = AT(0);
 #pragma unroll 4
     for (int jj = 0; jj < RB; ++jj) {
-      if (!sm.ok[jj][c]) continue;
       const AT bv = sm.b[jj][c];
 #pragma unroll
-      for (int q = 0; q < Q; ++q) acc[q] += sm.v[g + q * G][jj] * bv;
+      for (int q = 0; q < Q; ++q) part[q] += sm.v[g + q * G][jj] * bv;
+    }
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      if (!isfinite(part[q])) {
+        part[q] = AT(0);
+        for (int jj = 0; jj < RB; ++jj)
+          if (sm.ok[jj][c]) part[q] += sm.v[g + q * G][jj] * sm.b[jj][c];
+      }
+      acc[q] += part[q];
     }
   }
 

@@ -102,10 +102,16 @@ __device__ void shrink_tile(const XT* __restrict__ x, int64_t x_stride, const Si
       }
       __syncthreads();
       if (j0 + jj < je) {
+        // Skipped slots hold zero shards, so the plain dot product is exact unless a
+        // non-finite x met one (Inf * 0 = NaN): only then redo the chunk skipping them.
         AT sum = AT(0);
 #pragma unroll 8
-        for (int k = 0; k < BK; ++k)
-          if (sm.ok[jj][k]) sum += sm.x[nn][k] * sm.a[jj][k];
+        for (int k = 0; k < BK; ++k) sum += sm.x[nn][k] * sm.a[jj][k];
+        if (!isfinite(sum)) {
+          sum = AT(0);
+          for (int k = 0; k < BK; ++k)
+            if (sm.ok[jj][k]) sum += sm.x[nn][k] * sm.a[jj][k];
+        }
         vs[nn * ld + (j0 + jj - jb)] += sum;
       }
     }

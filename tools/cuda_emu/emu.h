@@ -36,6 +36,8 @@
 
 #define MOS_CUDA_EMU 1
 
+using std::isfinite;  // the CUDA math function, float and double overloads
+
 namespace emu {
 struct Idx { unsigned x = 0, y = 0, z = 0; };
 extern Idx tidx, bidx;
