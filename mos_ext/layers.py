@@ -30,6 +30,9 @@ class MoSLinear(nn.Module, BaseTunerLayer):
     # int32 tables cannot require grad, so only the (parameter-free) dropouts are listed there.
     adapter_layer_names = ("mos_dropout",)
     other_param_names = ("mos_idx_a", "mos_idx_b", "mos_scale", "mos_r", "_mos_pools")
+    # set by mos_ext.multi_train.JointTraining while several adapters train in one batch: it then
+    # gives every row its own adapter's delta (one sharded_lora over the stacked tenants)
+    _mos_joint = None
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -140,6 +143,8 @@ class MoSLinear(nn.Module, BaseTunerLayer):
         if self.merged:
             return out
         act = out.dtype if out.is_floating_point() else x.dtype
+        if self._mos_joint is not None:
+            return out + self._mos_joint.layer_delta(self, x.to(act), act)
         for name in self.active_adapters:
             if name not in self.mos_idx_a:
                 continue
