@@ -221,3 +221,104 @@ def test_absent_tenant_takes_no_step():
     assert joint.tenants["lora2"].steps == 0
     for k, v in pools(pm, "lora2").items():
         assert torch.equal(v, before[k])
+
+
+# ---------------------------------------------------------------------------- bad input (item 6)
+
+
+def test_unknown_and_frozen_adapters_in_rows_are_named_errors():
+    pm = build(torch.float64)
+    pm.base_model.peft_config["miss4"].inference_mode = True
+    joint = JointTraining(pm)
+    joint.add_tenant("mos4")
+    ids, labels, _ = mixed_batch(["mos4", "lora2"], 0)
+    with pytest.raises(UnknownAdapterError, match="'nope'"):
+        joint.train_step(ids, labels=labels, adapter_names=["mos4"] * 2 + ["nope"] * 2)
+    with pytest.raises(FrozenAdapterError, match="'lora2'"):  # held by the model, not a tenant
+        joint.train_step(ids, labels=labels, adapter_names=["mos4"] * 2 + ["lora2"] * 2)
+    with pytest.raises(FrozenAdapterError, match="inference mode"):
+        joint.add_tenant("miss4")
+    with pytest.raises(UnknownAdapterError):
+        joint.add_tenant("nope")
+    with pytest.raises(ValueError, match="4 entries for a batch of 3"):
+        joint.forward(input_ids=ids[:3], labels=labels[:3], adapter_names=["mos4"] * 4)
+    with pytest.raises(RuntimeError, match="inside joint.batch"):  # outside a joint batch the model refuses
+        pm(input_ids=ids)
+    joint.detach()
+    pm(input_ids=ids)  # back to PEFT's ordinary forward
+
+
+def test_tenants_with_other_targets_are_refused():
+    pm = build(torch.float64, kinds={"mos4": KINDS["mos4"]})
+    pm.add_adapter("qonly", mos_ext.MoSConfig(target_modules=["q_proj"], r=2, method="lora", task_type="CAUSAL_LM"))
+    joint = JointTraining(pm)
+    joint.add_tenant("mos4")
+    with pytest.raises(TenantMismatchError, match="other layers"):
+        joint.add_tenant("qonly")
+
+
+def test_non_finite_tenant_is_skipped_and_others_keep_training():
+    """A tenant whose pools hold NaN: its loss is NaN, it is left out of the backward and not stepped
+    (pools, optimizer state unchanged; counted in nonfinite_steps); the others equal training alone."""
+    pm = build(torch.float64)
+    with torch.no_grad():
+        next(p for k, p in pm.base_model.pools("lora2").items() if "mos_B_" in k)[0, 0] = float("nan")
+    ref = copy.deepcopy(pm)
+    joint = JointTraining(pm)
+    for n in KINDS:
+        joint.add_tenant(n, SETTINGS[n])
+    bad_before = pools(pm, "lora2")
+    for k in range(2):
+        ids, labels, who = mixed_batch(list(KINDS), k)
+        losses = joint.train_step(ids, labels=labels, adapter_names=who)
+        assert math.isnan(losses["lora2"]) and all(math.isfinite(v) for n, v in losses.items() if n != "lora2")
+    t = joint.tenants["lora2"]
+    assert t.steps == 0 and t.nonfinite_steps == 2 and not t.optimizer.state
+    for k, v in pools(pm, "lora2").items():
+        assert torch.equal(v.nan_to_num(7.0), bad_before[k].nan_to_num(7.0))
+    for n in ("mos4", "mos2", "miss4"):
+        assert_pools_close(pools(pm, n), train_alone(copy.deepcopy(ref), n, SETTINGS[n], range(2)), 1e-10, n)
+
+
+# ---------------------------------------------------------------------------- checkpoints (item 4)
+
+
+def test_tenant_saves_to_its_own_directory_and_resumes_with_its_optimizer(tmp_path):
+    """save_tenant writes a format-2 directory per tenant (PeftModel.from_pretrained and AdapterStore
+    read it); a job resumed from it continues exactly as the uninterrupted job."""
+    pm = build(torch.float64)
+    ref = copy.deepcopy(pm)
+    joint = JointTraining(pm)
+    for n in ("mos4", "miss4"):
+        joint.add_tenant(n, SETTINGS[n])
+    for k in range(2):
+        ids, labels, who = mixed_batch(["mos4", "miss4"], k)
+        joint.train_step(ids, labels=labels, adapter_names=who)
+    d = joint.save_tenant("miss4", str(tmp_path / "miss4"))
+    files = sorted(p.name for p in (tmp_path / "miss4").iterdir() if p.name != "README.md")  # PEFT's model card
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "tenant_state.pt"], files
+    ids, labels, who = mixed_batch(["mos4", "miss4"], 2)
+    joint.train_step(ids, labels=labels, adapter_names=who)
+    want = pools(pm, "miss4")
+
+    # a new job over a fresh base: the tenant resumes from its directory, beside a new tenant
+    fresh = build(torch.float64, kinds={"lora2": KINDS["lora2"]})
+    job = JointTraining(fresh)
+    job.add_tenant("lora2", SETTINGS["lora2"])
+    job.load_tenant("miss4", d, SETTINGS["miss4"])
+    assert job.tenants["miss4"].steps == 2
+    ids2, labels2, _ = mixed_batch(["miss4"], 2)
+    ids3, labels3, _ = mixed_batch(["lora2"], 0)
+    job.train_step(torch.cat([ids3, ids2]), labels=torch.cat([labels3, labels2]),
+                   adapter_names=["lora2"] * 2 + ["miss4"] * 2)
+    assert_pools_close(pools(fresh, "miss4"), want, 1e-10, "resumed")
+
+    # the directory is an ordinary adapter
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(torch.float64), d)
+    got = pools(loaded, "default")
+    for k, v in pools(ref, "miss4").items():
+        assert got[k].shape == v.shape
+    from mos_ext.serving import AdapterStore
+    store = AdapterStore(tiny_llama(torch.float64), capacity_bytes=1_000_000, target_modules=TARGETS, max_rank=8,
+                         slots=4)
+    assert store.load("miss4", d) >= 0
