@@ -440,6 +440,15 @@ def test_mismatched_model_refused_by_peft_from_pretrained(good_adapter):
         peft.PeftModel.from_pretrained(tiny_llama(hidden=128, inter=96), str(good_adapter))
 
 
+def test_import_adapter_leaves_format2_to_peft(good_adapter):
+    """One way per job: a format-2 directory is PEFT's (PeftModel.from_pretrained); import_adapter says so."""
+    target = tiny_llama()
+    check = _untouched(target)
+    with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
+        mos_ext.import_adapter(target, str(good_adapter))
+    check(good_adapter)
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError):
         mos_ext.import_adapter(tiny_llama(), str(tmp_path / "nowhere"))
