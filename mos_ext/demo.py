@@ -72,6 +72,7 @@ def main(argv=None):
     import peft
 
     from . import MoSConfig
+    from .multi_train import JointTraining, TenantSettings
     from .serving import AdapterStore, MultiTenantModel
 
     dev = torch.device(a.device)
@@ -79,35 +80,37 @@ def main(argv=None):
     t_start = time.time()
     print(f"mos_ext demo on {dev}: tiny Llama (4 layers, hidden 128), {len(TENANTS)} tenants -> {out_dir}\n")
 
-    # ---- 1. fine-tune each tenant on its task, save at compressed size
+    # ---- 1. fine-tune all tenants together (one batch of every tenant's rows per step, each with its own
+    # mean loss, AdamW and clipping: mos_ext.multi_train), save each at its compressed size
     rows = []
     tuned = {}
-    bar = tqdm(total=len(TENANTS) * a.steps, desc="fine-tuning tenants", unit="step")
-    for name, task, kw in TENANTS:
-        cfg = MoSConfig(target_modules=ALL7, lora_alpha=16, seed=len(rows), **kw)
-        model = peft.get_peft_model(tiny_llama().to(dev), cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        model.train()
-        first = last = None
-        for step in range(a.steps):
-            ids = task_batch(task, step).to(dev)
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            first = loss.item() if first is None else first
-            last = loss.item()
-            bar.update(1)
-            bar.set_postfix(tenant=name, loss=f"{last:.3f}")
-        model.eval()
-        path = os.path.join(out_dir, name)
-        model.save_pretrained(path)  # adapter_config.json + adapter_model.safetensors: pools + int32 tables
-        size = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
-        tuned[name] = (model, task, path)
-        rows.append((name, task, model.get_nb_trainable_parameters()[0], size, first, last))
+    model = None
+    for i, (name, task, kw) in enumerate(TENANTS):
+        cfg = MoSConfig(target_modules=ALL7, lora_alpha=16, seed=i, **kw)
+        if model is None:
+            model = peft.get_peft_model(tiny_llama().to(dev), cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+    joint = JointTraining(model)
+    for name, _, _ in TENANTS:
+        joint.add_tenant(name, TenantSettings(lr=1e-2, max_grad_norm=1.0))
+    losses = {name: [] for name, _, _ in TENANTS}
+    bar = tqdm(total=a.steps, desc=f"fine-tuning {len(TENANTS)} tenants jointly", unit="step")
+    for step in range(a.steps):
+        ids = torch.cat([task_batch(task, step) for _, task, _ in TENANTS]).to(dev)
+        who = [name for name, _, _ in TENANTS for _ in range(ids.shape[0] // len(TENANTS))]
+        for name, v in joint.train_step(ids, adapter_names=who).items():
+            losses[name].append(v)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(v[-1] for v in losses.values()) / len(losses):.3f}")
     bar.close()
+    joint.detach()
+    for name, task, _ in TENANTS:
+        path = joint.save_tenant(name, os.path.join(out_dir, name))  # pools + int32 tables (+ optimizer state)
+        size = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
+        alone = peft.PeftModel.from_pretrained(tiny_llama().to(dev), path).eval()
+        tuned[name] = (alone, task, path)
+        rows.append((name, task, sum(p.numel() for p in joint.tenants[name].params), size, losses[name][0], losses[name][-1]))
 
     print(f"\n{'tenant':16s} {'task':13s} {'trainable':>10s} {'file bytes':>11s} {'loss start':>10s} {'loss end':>9s}")
     for name, task, n, size, first, last in rows:
