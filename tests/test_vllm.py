@@ -209,6 +209,92 @@ def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
         assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name
 
 
+def _store_lines(srv, what):
+    """The plugin's memory-accounting log lines (one per load / unload / eviction, per worker) for ``what``."""
+    import re
+
+    pat = re.compile(r"mos_ext store(?: \(TP rank (\d+)/\d+\))?: " + re.escape(what) + r"; resident=(\d+) "
+                     r"used_bytes=(\d+) free_bytes=(\d+) pool_bytes=(\d+) evictions=(\d+) host_copies=(\d+)")
+    return [(int(m.group(1) or 0),) + tuple(int(g) for g in m.groups()[1:]) for m in pat.finditer(srv.tail(100000))]
+
+
+def _reference_tokens(base_dir, adapter_dir, prompts):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+    store = AdapterStore(model, capacity_bytes=1 << 24, max_tenants=2, max_rank=MAX_RANK)
+    store.load("t", adapter_dir)
+    served = MultiTenantModel(model, store)
+    return [U.greedy(lambda x: served(input_ids=x, adapter_names=["t"]).logits, torch.tensor([p]), N_NEW)[0].tolist()
+            for p in prompts]
+
+
+def test_unload_frees_rows_now_and_reload_serves_new_weights(world, expected, tmp_path):
+    """/v1/unload_lora_adapter reaches the worker's store (its rows are freed at once, the accounting line
+    says so); the same name loaded from a new directory serves the new weights, and an in-place reload
+    (load_inplace) from the first directory serves those again; never a stale copy."""
+    srv, c, cfg = world["srv"], world["client"], world["cfg"]
+    v1, v2 = str(tmp_path / "frank1"), str(tmp_path / "frank2")
+    U.write_mos_adapter(cfg, CONFIGS["alice"], v1, seed=50)
+    U.write_mos_adapter(cfg, CONFIGS["alice"], v2, seed=51)
+    want1, want2 = _reference_tokens(world["base"], v1, PROMPTS[:2]), _reference_tokens(world["base"], v2, PROMPTS[:2])
+    assert want1 != want2
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "frank", "lora_path": v1})
+    assert st == 200, body
+    assert [complete(c, "frank", p) for p in PROMPTS[:2]] == want1
+    loaded = _store_lines(srv, "loaded 'frank'")[-1]
+    st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "frank"})
+    assert st == 200, body
+    freed = _store_lines(srv, "unloaded 'frank'")
+    assert freed, srv.tail(40)
+    _, res_l, used_l, free_l, pool, _, _ = loaded
+    _, res_u, used_u, free_u, pool_u, _, _ = freed[-1]
+    assert res_u == res_l - 1 and used_u < used_l and free_u > free_l and pool_u == pool
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "frank", "lora_path": v2})
+    assert st == 200, body
+    assert [complete(c, "frank", p) for p in PROMPTS[:2]] == want2
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "frank", "lora_path": v1, "load_inplace": True})
+    assert st == 200, body
+    assert [complete(c, "frank", p) for p in PROMPTS[:2]] == want1
+    st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "frank"})
+    assert st == 200, body
+    for name in ["base", "alice", "bob"]:
+        assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name
+
+
+def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, expected):
+    """--tensor-parallel-size 2 (two CPU worker processes, gloo): every rank holds its share of each tenant
+    (column-parallel: B cut by output; row-parallel: A cut by input); greedy tokens of MoS, MiSS, PEFT LoRA
+    tenants and base rows in mixed concurrent batches equal MultiTenantModel (= TP 1, tested above);
+    an unload frees the rows in both ranks' stores."""
+    dirs = world["dirs"]
+    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
+                   env={"MOS_EXT_VLLM_CAPACITY_MB": "4", "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
+                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                   log_path=str(world["srv"].log_path) + ".tp2", extra=["--tensor-parallel-size", "2"])
+    try:
+        srv.wait_ready(timeout=500)
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300, max_retries=0)
+        jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "base"] for i in range(len(PROMPTS))]
+        with cf.ThreadPoolExecutor(8) as ex:
+            futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
+            for f in cf.as_completed(futs):
+                assert f.result() == expected[futs[f]], futs[f]
+        st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "dave", "lora_path": dirs["dave"]})
+        assert st == 200, body
+        assert complete(c, "dave", PROMPTS[1]) == expected[("dave", 1)]
+        st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "dave"})
+        assert st == 200, body
+        loaded = {r[0]: r for r in _store_lines(srv, "loaded 'alice'")}
+        freed = {r[0]: r for r in _store_lines(srv, "unloaded 'dave'")}
+        assert set(loaded) == {0, 1} and set(freed) == {0, 1}, srv.tail(80)
+        print("TP 2 per-rank store after loading alice (rank, resident, used, free, pool bytes):",
+              [loaded[k][:5] for k in (0, 1)])
+    finally:
+        srv.stop()
+
+
 def test_unknown_adapter_name_is_404(world):
     with pytest.raises(openai.NotFoundError) as e:
         complete(world["client"], "nobody", PROMPTS[0])
@@ -229,7 +315,42 @@ assert B._apply_lora_to_output is f and getattr(f, "__mos_ext_patched__", False)
 try:
     P.check_version("0.33.1"); raise SystemExit("no error")
 except RuntimeError as e:
-    assert "0.33.1" in str(e) and "MOS_EXT_VLLM_PLUGIN=0" in str(e), e
+    assert "0.33.1" in str(e) and "MOS_EXT_VLLM_PLUGIN=0" in str(e) and "0.34.x" in str(e), e
+P.check_version("0.34.0"); P.check_version("0.32.0")
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_dual_stream_path_adds_the_store_delta():
+    """VLLM_LORA_ENABLE_DUAL_STREAM: apply -> lora_linear_async -> _apply_async_impl, which calls the punica
+    kernels directly (never _apply_lora_to_output). The plugin hooks _apply_async_impl too: the store's delta
+    is added after vLLM joins its streams (run here on CPU, where vLLM's helper runs both sequentially)."""
+    code = r"""
+import os, torch
+os.environ["VLLM_LORA_ENABLE_DUAL_STREAM"] = "1"
+import mos_ext.integrations.vllm as P
+P.register()
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as B
+assert getattr(B._apply_async_impl, "__mos_ext_patched__", False)
+layer = B.__new__(B); torch.nn.Module.__init__(layer)
+W = torch.randn(6, 4)
+class Q:
+    def apply(self, base, x, bias=None): return x @ W.t()
+class Punica:  # vLLM's slots hold zeros for store tenants
+    def add_lora_linear(self, out, x, a, b, scale, slices, add_inputs=True): out.add_(0.0)
+class RT:
+    def apply(self, module, x, out): return out.add_(x.sum(-1, keepdim=True))
+layer._get_quant_method = lambda: Q()
+layer.base_layer = None; layer.device = "cpu"; layer.output_slices = (6,)
+layer.punica_wrapper = Punica(); layer.lora_a_stacked = layer.lora_b_stacked = ()
+layer._events = [None, None]; layer._lora_stream = None
+x = torch.randn(3, 4)
+torch.testing.assert_close(layer._apply_async_impl(x), x @ W.t())  # no store: vLLM's path unchanged
+layer._mos_runtime = RT()
+torch.testing.assert_close(layer._apply_async_impl(x), x @ W.t() + x.sum(-1, keepdim=True))
 print("ok")
 """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

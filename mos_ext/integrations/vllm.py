@@ -1,5 +1,5 @@
 """vLLM plugin: serve mos_ext adapters (MoS, MiSS, LoRA-as-shards) and PEFT LoRA / MiSS adapters
-inside vLLM 0.32.x, held at their compressed size in an :class:`~mos_ext.serving.AdapterStore`.
+inside vLLM 0.32.x / 0.34.x, held at their compressed size in an :class:`~mos_ext.serving.AdapterStore`.
 
 Installing mos_ext into a vLLM environment registers :func:`register` under the
 ``vllm.general_plugins`` entry point; vLLM calls it once in every process (API server, engine
@@ -19,6 +19,12 @@ patches live here and nowhere else):
   adapter math is one ``sgmv`` per output slice (``mos_ext.batch.add_sgmv``) (packed q/k/v and gate/up are
   sliced) instead of vLLM's punica ops, so base rows stay untouched whatever the slots hold
   (vLLM 0.32's CPU ops apply the last slot to ``-1`` rows when all slots are full).
+* ``BaseLinearLayerWithLoRA._apply_async_impl`` (worker, ``VLLM_LORA_ENABLE_DUAL_STREAM``): the
+  dual-stream path calls vLLM's punica ops directly, never ``_apply_lora_to_output``; the store's
+  delta is added after vLLM joins its streams (its slots hold zeros for store tenants).
+* ``WorkerLoRAManager.remove_adapter`` (worker) and ``OpenAIServingModels.unload_lora_adapter`` (API
+  server): an unload also calls the engine's ``remove_lora`` (vLLM only forgets the name), which
+  reaches every worker; the store frees the adapter's rows and host copy at once.
 * ``OpenAIServingModels.load_lora_adapter`` (API server): a load refused by mos_ext (corrupt or
   mismatched adapter, rank or size beyond the store's capacity) answers HTTP 400 naming the
   problem instead of vLLM's generic 500.
@@ -34,8 +40,15 @@ reload never fails. Settings (environment of the server):
 * ``MOS_EXT_VLLM_MAX_RANK`` largest adapter rank (default: vLLM's ``--max-lora-rank``)
 * ``MOS_EXT_VLLM_SLOTS`` shards per row of the store (default 8)
 
-Supported: vLLM 0.32.x, tensor parallel size 1, models whose vLLM module names are the HF ones
-(Llama-style: ``qkv_proj`` packs ``q/k/v_proj``, ``gate_up_proj`` packs ``gate/up_proj``).
+Tensor parallelism: each rank's store holds its share of every adapter (:mod:`.tp_shard`): column-parallel
+layers keep A whole and B cut to the rank's output features, row-parallel ones A cut to the rank's input
+features and B whole (the partial delta rides the base layer's all-reduce). Each load/unload/eviction logs
+one ``mos_ext store ...`` line per worker (resident tenants, bytes used/free, evictions, host copies).
+
+Supported: vLLM 0.32.x and 0.34.x (patch points in :mod:`.vllm_points`, checked in CI against each
+version's source), any tensor parallel size vLLM accepts (not ``--fully-sharded-loras``), models whose
+vLLM module names are the HF ones (Llama-style: ``qkv_proj`` packs ``q/k/v_proj``, ``gate_up_proj``
+packs ``gate/up_proj``).
 """
 from __future__ import annotations
 
@@ -46,12 +59,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..adapter_io import adapter_kind
+from ..adapter_io import adapter_kind, read_adapter
 from ..batch import Segments, add_sgmv, build_segments
 from ..serving import AdapterStore, CapacityError
 from ..settings import set_index_checks
+from .tp_shard import shard_spec
+from .vllm_points import CHECKED, SERVED_CLASSES, SUPPORTED, supported
 
-SUPPORTED = "0.32."
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
 ERROR_PREFIX = "mos_ext refused adapter"
 SHELL_MODULE = "__mos_ext_store__"
@@ -70,9 +84,12 @@ def enabled() -> bool:
 
 def check_version(version: str) -> None:
     """Raise a RuntimeError naming ``version`` unless it is a vLLM this plugin was tested with."""
-    if not str(version).startswith(SUPPORTED):
+    if not supported(version):
+        names = ", ".join(p + "x" for p in SUPPORTED)
+        checked = ", ".join(CHECKED.values())
         raise RuntimeError(
-            f"mos_ext's vLLM plugin supports vLLM {SUPPORTED}x (tested with 0.32.0); this is vLLM {version}. "
+            f"mos_ext's vLLM plugin supports vLLM {names} (patch points checked against {checked}); "
+            f"this is vLLM {version}. "
             f"It patches vLLM-internal LoRA classes that change between versions, so it refuses to start. "
             f"Set {ENV_SWITCH}=0 to run vLLM without it (mos_ext adapters are then not served).")
 
@@ -107,37 +124,70 @@ def is_mos_readable(path) -> bool:
 
 # ---------------------------------------------------------------------------------------- runtime
 def _served_layers(manager):
-    """vLLM's adapted linear modules as the store sees them: ({hf path: (in, out)} of every output slice,
-    {vLLM module: [(hf path, offset, size)]}, the base weights' dtype or None)."""
+    """vLLM's adapted linear modules as the store sees them: ({hf path: (in, out)} of every output slice
+    on this rank, {vLLM module: [(hf path, offset, size)]}, the base weights' dtype or None, {hf path:
+    (in, out)} of the whole layer, {hf path: (side, start, features)} of this rank's range (TP > 1))."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     packed = dict(getattr(manager, "packed_modules_mapping", {}) or {})
     layer_dims: Dict[str, Tuple[int, int]] = {}
+    full_dims: Dict[str, Tuple[int, int]] = {}
+    ranges: Dict[str, Tuple[str, int, int]] = {}
     layer_slices: Dict[str, List[Tuple[str, int, int]]] = {}
     dtype = None
     for name, module in manager.modules.items():
         slices = getattr(module, "output_slices", None)
         if not isinstance(module, BaseLinearLayerWithLoRA) or slices is None:
             continue  # embeddings, logits, MoE: not served from the store
-        if getattr(module, "tp_size", 1) != 1:
-            raise MoSAdapterError(f"{ERROR_PREFIX}: the compressed path supports tensor_parallel_size=1, "
-                                  f"{name} is split over {module.tp_size} ranks")
+        cls = type(module).__name__
+        tp = int(getattr(module, "tp_size", 1))
+        if cls not in SERVED_CLASSES:
+            if tp == 1 and type(module).apply is BaseLinearLayerWithLoRA.apply:
+                kind = "replicated"  # an unsharded subclass on the base class's paths
+            else:
+                why = (" (--fully-sharded-loras: its sharded LoRA layers compute outside the hooked path; "
+                       "serve without it)" if "Sharded" in cls else "")
+                raise MoSAdapterError(f"{ERROR_PREFIX}s: {name} is a {cls}, a vLLM LoRA layer the mos_ext plugin "
+                                      f"does not serve{why}")
+        else:
+            kind = SERVED_CLASSES[cls][1]
         parent, _, leaf = name.rpartition(".")
         subs = packed.get(leaf, [leaf])
         if len(subs) != len(slices):
             continue
+        base = module.base_layer
+        if tp > 1 and kind == "column" and len(subs) == 1 and cls != "ColumnParallelLinearWithLoRA":
+            raise MoSAdapterError(f"{ERROR_PREFIX}s: {name} ({cls}) packs several projections into one LoRA slice; "
+                                  f"its tensor-parallel split is not served")
+        ids = getattr(module, "output_ids", None) or (int(getattr(module, "tp_rank", 0)),) * len(subs)
+        full_out = list(getattr(base, "output_sizes", None) or [int(getattr(base, "output_size", sum(slices)))])
+        if hasattr(base, "total_num_kv_heads") and len(subs) == 3:  # q/k/v: KV heads may be replicated over ranks
+            hs = int(base.head_size)
+            full_out = [int(base.total_num_heads) * hs, int(base.total_num_kv_heads) * hs,
+                        int(base.total_num_kv_heads) * int(getattr(base, "v_head_size", hs))]
         off, entries = 0, []
-        for sub, size in zip(subs, slices):
+        for i, (sub, size) in enumerate(zip(subs, slices)):
             path = f"{parent}.{sub}" if parent else sub
-            layer_dims[path] = (int(module.input_size), int(size))
-            entries.append((path, off, int(size)))
-            off += int(size)
+            size = int(size)
+            layer_dims[path] = (int(module.input_size), size)
+            full_dims[path] = (int(module.input_size), size)
+            if tp > 1 and kind == "column":
+                full_dims[path] = (int(module.input_size), int(full_out[i]))
+                if int(full_out[i]) != size:
+                    ranges[path] = ("B", int(ids[i]) * size, size)
+            elif tp > 1 and kind == "row":
+                whole = int(base.input_size)
+                full_dims[path] = (whole, size)
+                if whole != int(module.input_size):
+                    ranges[path] = ("A", int(module.tp_rank) * int(module.input_size), int(module.input_size))
+            entries.append((path, off, size))
+            off += size
         layer_slices[name] = entries
         if dtype is None:
             w = getattr(module.base_layer, "weight", None)
             if isinstance(w, torch.Tensor) and w.is_floating_point():
                 dtype = w.dtype
-    return layer_dims, layer_slices, dtype
+    return layer_dims, layer_slices, dtype, full_dims, ranges
 
 
 class _Tenants:
@@ -149,8 +199,12 @@ class _Tenants:
     back (from the host copy, never from its directory), and no request is served without its adapter.
     """
 
-    def __init__(self, store, max_loras: int, pinned):
+    def __init__(self, store, max_loras: int, pinned, full_dims=None, ranges=None, where=""):
         self.store = store
+        self.full_dims = full_dims  # TP > 1: adapters are read for the whole layers, then cut to this rank's share
+        self.ranges = ranges or {}
+        self.where = where
+        self.evictions = 0
         self.max_loras = int(max_loras)
         self._pinned = pinned  # () -> ids vLLM's slots hold now (never evicted)
         if store.max_tenants < self.max_loras:
@@ -177,7 +231,7 @@ class _Tenants:
                 plan = self.plans[lora_id]
             else:
                 try:
-                    plan = self.store.read(path)  # read, validated and converted once
+                    plan = self.store.read(self._share(path))  # read, validated and converted once
                 except (ValueError, TypeError, KeyError, OSError) as e:
                     raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
             self._check_share(plan, name, path)
@@ -197,12 +251,51 @@ class _Tenants:
                                               f"MOS_EXT_VLLM_CAPACITY_MB / MOS_EXT_VLLM_MAX_TENANTS)") from None
                     self.store.unload(self.key(victim))
                     self.lru.pop(victim)
+                    self.evictions += 1
                     _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
                                 "from its host copy when requested", self.paths[victim][0], name)
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
             self.plans[lora_id] = plan
+            self.log_stats(f"loaded {name!r}")
             return plan.rank
+
+    def _share(self, path: str):
+        """What this worker reads: the directory (TP 1), or this rank's share of the adapter (TP > 1)."""
+        if not self.ranges:
+            return path
+        return shard_spec(read_adapter(path, dims=self.full_dims), self.ranges)
+
+    def forget(self, lora_id: int) -> bool:
+        """vLLM removed adapter ``lora_id`` (``/v1/unload_lora_adapter``): free its rows and drop its host copy."""
+        with self.lock:
+            known = lora_id in self.paths
+            name = self.paths.get(lora_id, (str(lora_id), ""))[0]
+            if self.key(lora_id) in self.store:
+                self.store.unload(self.key(lora_id))
+            self.lru.pop(lora_id, None)
+            self.plans.pop(lora_id, None)
+            self.paths.pop(lora_id, None)
+            if known:
+                self.log_stats(f"unloaded {name!r}")
+            return known
+
+    def stats(self) -> dict:
+        """Resident tenants, pool bytes used / free, evictions to host, host copies (this worker)."""
+        st = self.store
+        elem = torch.empty((), dtype=st.dtype).element_size()
+        total = sum(st.pool_a[k].numel() + st.pool_b[k].numel() for k in st.type_dims) * elem
+        used = st.memory_bytes()
+        return dict(resident=len(st.names()), names=[self.paths[i][0] for i in self.lru if i in self.paths],
+                    used_bytes=used, free_bytes=total - used, pool_bytes=total,
+                    table_bytes=st.table_bytes_per_tenant() * st.max_tenants, evictions=self.evictions,
+                    host_copies=len(self.plans))
+
+    def log_stats(self, what: str) -> None:
+        s = self.stats()
+        _log().info("mos_ext store%s: %s; resident=%d used_bytes=%d free_bytes=%d pool_bytes=%d evictions=%d "
+                    "host_copies=%d tenants=%s", self.where, what, s["resident"], s["used_bytes"], s["free_bytes"],
+                    s["pool_bytes"], s["evictions"], s["host_copies"], ",".join(s["names"]))
 
     def _check_share(self, plan, name: str, path: str) -> None:
         need = plan.rows_needed()
@@ -241,7 +334,7 @@ class _Runtime:
 
     def __init__(self, manager):
         self.manager = manager
-        layer_dims, self.layer_slices, dtype = _served_layers(manager)
+        layer_dims, self.layer_slices, dtype, full_dims, ranges = _served_layers(manager)
         cfg = manager.lora_config
         self.store = AdapterStore(
             layer_dims=layer_dims,
@@ -257,8 +350,11 @@ class _Runtime:
             module._mos_runtime = self
             module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
                                   if path in self.store.layers]
+        tp = max((int(getattr(manager.modules[n], "tp_size", 1)) for n in self.layer_slices), default=1)
+        rank = max((int(getattr(manager.modules[n], "tp_rank", 0)) for n in self.layer_slices), default=0)
         self.tenants = _Tenants(self.store, cfg.max_loras,
-                                lambda: {i for i in manager.lora_index_to_id if i is not None})
+                                lambda: {i for i in manager.lora_index_to_id if i is not None},
+                                full_dims=full_dims, ranges=ranges, where=f" (TP rank {rank}/{tp})" if tp > 1 else "")
         self.seg: Optional[Segments] = None  # this step's segments, shared by every layer
         # tables are validated once when written; the hot path runs without per-call value checks
         if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
@@ -330,19 +426,43 @@ def _patch_worker():
 
     orig_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
 
-    def _apply_lora_to_output(self, x, output):
-        rt = getattr(self, "_mos_runtime", None)
-        if rt is None:
-            return orig_apply(self, x, output)
+    def _add_store_delta(rt, self, x, output):
         shape3 = output.shape if output.ndim == 3 else None
         if x.ndim == 3 and output.ndim == 3:
             output, x = output.flatten(0, 1), x.flatten(0, 1)
         output = rt.apply(self, x, output)
         return output.reshape(shape3) if shape3 is not None else output
 
+    def _apply_lora_to_output(self, x, output):
+        rt = getattr(self, "_mos_runtime", None)
+        if rt is None:
+            return orig_apply(self, x, output)
+        return _add_store_delta(rt, self, x, output)
+
+    orig_async = BaseLinearLayerWithLoRA._apply_async_impl
+
+    def _apply_async_impl(self, x, bias=None):
+        # VLLM_LORA_ENABLE_DUAL_STREAM: vLLM's own LoRA on its aux stream (its slots are zero for store
+        # tenants), joined into the base output; the store's delta is added after the join
+        out = orig_async(self, x, bias)
+        rt = getattr(self, "_mos_runtime", None)
+        return out if rt is None else _add_store_delta(rt, self, x, out)
+
+    orig_remove = WorkerLoRAManager.remove_adapter
+
+    def remove_adapter(self, adapter_id):
+        # reached by engine_client.remove_lora (the patched /v1/unload_lora_adapter) on every worker;
+        # vLLM's in-place reload and its own LRU call the model manager's remove_adapter, not this
+        rt = getattr(self._adapter_manager, "_mos_runtime", None)
+        if rt is not None:
+            rt.tenants.forget(int(adapter_id))
+        return orig_remove(self, adapter_id)
+
     for cls, name, fn in ((WorkerLoRAManager, "_load_adapter", _load_adapter),
+                          (WorkerLoRAManager, "remove_adapter", remove_adapter),
                           (LoRAModelManager, "set_adapter_mapping", set_adapter_mapping),
-                          (BaseLinearLayerWithLoRA, "_apply_lora_to_output", _apply_lora_to_output)):
+                          (BaseLinearLayerWithLoRA, "_apply_lora_to_output", _apply_lora_to_output),
+                          (BaseLinearLayerWithLoRA, "_apply_async_impl", _apply_async_impl)):
         fn.__mos_ext_patched__ = True
         setattr(cls, name, fn)
 
@@ -370,6 +490,20 @@ def _patch_api_server():
 
     load_lora_adapter.__mos_ext_patched__ = True
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
+
+    orig_unload = OpenAIServingModels.unload_lora_adapter
+
+    async def unload_lora_adapter(self, request):
+        # vLLM 0.32/0.34 only forget the name here; tell every worker, so the store frees the rows now
+        req = self.lora_requests.get(getattr(request, "lora_name", None) or "")
+        out = await orig_unload(self, request)
+        remove = getattr(self.engine_client, "remove_lora", None)
+        if req is not None and isinstance(out, str) and remove is not None:
+            await remove(req.lora_int_id)
+        return out
+
+    unload_lora_adapter.__mos_ext_patched__ = True
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
 
 
 def register() -> None:
