@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
 from mos_ext.multi_train import JointTraining, TenantSettings  # noqa: E402
-from mos_ext.multi_trainer import JointTrainer, TenantCollator, TenantMix  # noqa: E402
+from mos_ext.integrations.trainer import JointTrainer, TenantCollator, TenantMix  # noqa: E402
 
 from test_multi_train import KINDS, SETTINGS, VOCAB, build, pools  # noqa: E402
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from .multi_train import IGNORE_INDEX, JointModel, JointTraining, TenantSettings
+from ..multi_train import IGNORE_INDEX, JointModel, JointTraining, TenantSettings
 
 __all__ = ["TenantMix", "TenantCollator", "JointTrainer"]
 
