@@ -63,7 +63,7 @@ def per_tenant_7b(method: str, r: int, e: int = 0, l: int = 4, bytes_per=2) -> i
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per tenant")
+    ap.add_argument("--steps", type=int, default=60, help="joint fine-tuning steps (each trains every tenant on its own rows)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="where adapters are saved (default: a temp dir)")
     a = ap.parse_args(argv)

@@ -6,13 +6,15 @@
 #      and assert that the CUDA kernels of every op are really registered;
 #   3. pytest tests/test_cuda.py (+ the host-side GPU tests);
 #   4. compute-sanitizer memcheck and racecheck on tools/gpu_paths.py (every kernel path once);
-#   5. benchmarks/bench_cuda.py (ceilings, every case and baseline, targets).
+#   3b. tests/test_multi_train.py's 16-tenant joint training on CUDA (== each tenant alone);
+#   5. benchmarks/bench_cuda.py (ceilings, every case and baseline, targets);
+#   6. benchmarks/bench_multi_train.py --device cuda --quick (joint vs one-by-one tenants).
 # Nothing is installed: it uses the torch, pytest, ninja found on the machine. Every step has
 # a time budget taken from a 9-minute total; a step that fails or times out is reported and the
 # script moves on. Exit status: 0 when every step passed.
 #
 # Output: at most 8 files in $OUT (default ./gpu_check_out): summary.txt, env.txt, build.log,
-# tests.log, sanitizer.log, bench.txt, bench.json.
+# tests.log, sanitizer.log, bench.txt, bench.json, multi_train.json.
 #
 # Environment: OUT, PYTHON (default python), CUDA_HOME, MOS_EXT_CUDA_ARCHS (default 90a),
 # GPU_CHECK_TOTAL_S (default 540), MAX_JOBS (default nproc).
@@ -109,6 +111,11 @@ TESTS=(tests/test_cuda.py tests/test_nonfinite.py tests/test_pool_grad_tap.py te
 step tests 170 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${TESTS[@]}"
 tail -4 "$OUT/tests.log" >> "$SUMMARY"
 
+# 3b. many tenants trained in one batch on the GPU: 16 tenants, each equal to training it alone
+step multitrain 90 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_multi_train.py \
+  -k "sixteen and cuda"
+tail -2 "$OUT/tests.log" >> "$SUMMARY"
+
 # 4. compute-sanitizer memcheck + racecheck ------------------------------------------------
 SAN="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ -x "$SAN" ]; then
@@ -131,6 +138,11 @@ fi
 B=$(( $(left) - 15 ))
 step bench 240 "$OUT/bench.txt" "$PY" benchmarks/bench_cuda.py --json "$OUT/bench.json" --budget-s $(( B > 30 ? B - 20 : 10 ))
 grep -E "^(target|ceiling)" "$OUT/bench.txt" >> "$SUMMARY"
+
+# 6. joint multi-tenant training throughput (issue 22's benchmark, quick grid) --------------
+step multibench 100 "$OUT/bench.txt" "$PY" benchmarks/bench_multi_train.py --device cuda --quick \
+  --out "$OUT/multi_train.json"
+tail -12 "$OUT/bench.txt" >> "$SUMMARY"
 
 echo "total $(( $(date +%s) - START ))s, status $status" | tee -a "$SUMMARY"
 ls "$OUT" >> "$SUMMARY"
