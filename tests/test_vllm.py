@@ -255,7 +255,10 @@ def test_unload_frees_rows_now_and_reload_serves_new_weights(world, expected, tm
     assert [complete(c, "frank", p) for p in PROMPTS[:2]] == want2
     st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "frank", "lora_path": v1, "load_inplace": True})
     assert st == 200, body
+    n_loads = len(_store_lines(srv, "loaded 'frank'"))
     assert [complete(c, "frank", p) for p in PROMPTS[:2]] == want1
+    # later requests do not reload it (vLLM 0.32 would keep load_inplace in its cached request)
+    assert len(_store_lines(srv, "loaded 'frank'")) == n_loads
     st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "frank"})
     assert st == 200, body
     for name in ["base", "alice", "bob"]:

@@ -479,6 +479,11 @@ def _patch_api_server():
 
     async def load_lora_adapter(self, request, base_model_name=None):
         out = await orig(self, request, base_model_name=base_model_name)
+        cached = self.lora_requests.get(getattr(request, "lora_name", None) or "")
+        if cached is not None and getattr(cached, "load_inplace", False):
+            # vLLM 0.32 caches the request with load_inplace=True (0.34 resets it): every later step
+            # would reload the adapter from its directory
+            cached.load_inplace = False
         err = getattr(out, "error", None)
         if err is not None and ERROR_PREFIX in str(err.message) and int(err.code) >= 500:
             msg = str(err.message)
