@@ -11,6 +11,7 @@
 #pragma once
 
 #include "sgmv_expand.cuh"
+#include "sgmv_shrink.cuh"
 
 namespace mos {
 namespace gpu {

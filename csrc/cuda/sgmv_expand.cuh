@@ -10,7 +10,7 @@
 // accumulates in registers and rounds once into y.
 #pragma once
 
-#include "sgmv_shrink.cuh"
+#include "sgmv_cfg.cuh"
 
 namespace mos {
 namespace gpu {

@@ -54,7 +54,8 @@
 #endif
 #include <type_traits>
 
-#include "sgmv_fast.cuh"
+#include "items.cuh"
+#include "vec.cuh"
 
 namespace mos {
 namespace gpu {

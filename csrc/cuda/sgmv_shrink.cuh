@@ -14,33 +14,10 @@
 // one integer division per staged pool element.
 #pragma once
 
-#include "common.cuh"
+#include "sgmv_cfg.cuh"
 
 namespace mos {
 namespace gpu {
-
-constexpr int kSgmvThreads = 256;
-
-// Tile sizes per accumulation type (double tiles are smaller so that the static
-// shared memory stays well under 48 KiB).
-template <typename AT>
-struct SgmvCfg;
-template <>
-struct SgmvCfg<float> {
-  static constexpr int BM = 16;   // tokens per item
-  static constexpr int BK = 128;  // shrink: reduction columns per chunk
-  static constexpr int RA = 16;   // shrink: rank rows per A tile (BM * RA == threads)
-  static constexpr int RB = 32;   // expand: rank rows per B tile
-  static constexpr int BN = 128;  // expand: output columns per tile
-};
-template <>
-struct SgmvCfg<double> {
-  static constexpr int BM = 16;
-  static constexpr int BK = 64;
-  static constexpr int RA = 16;
-  static constexpr int RB = 16;
-  static constexpr int BN = 128;
-};
 
 // Rank rows per block of the standalone shrink kernel (grid.y splits r).
 constexpr int kShrinkRanks = 64;

@@ -52,8 +52,9 @@
 
 #include <type_traits>
 
+#include "items.cuh"
 #include "shard_grad.cuh"
-#include "sgmv_fast.cuh"
+#include "vec.cuh"
 
 namespace mos {
 namespace gpu {
