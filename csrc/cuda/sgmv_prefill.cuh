@@ -14,7 +14,7 @@
 // a * b with both split is computed as a_hi b_hi + a_hi b_lo + a_lo b_hi (the
 // lo * lo term is dropped); one that needs no split takes one MMA.
 //
-// Shrink: h in chunks of kPfK = 32 columns, double-buffered: chunk k + 1 is
+// Shrink (pf_shrink): h in chunks of kPfK = 32 columns, double-buffered: chunk k + 1 is
 // copied global -> shared with 16-byte cp.async (cp.async.cg; zero-filled
 // past the item's tokens, past h and for padded / invalid table entries)
 // while the tensor cores work on chunk k. The gathered A chunk [r16 x 32] is
@@ -27,7 +27,7 @@
 // (rank rows whose A entries are all padded / invalid are set to 0 exactly, so
 // Inf / NaN in x never reaches y through them).
 //
-// Expand: o in tiles of kPfN = 64 columns, double-buffered the same way (the
+// Expand (pf_expand): o in tiles of kPfN = 64 columns, double-buffered the same way (the
 // first B tile's copies are issued as soon as the shrink's last MMAs are done,
 // before v is staged); y_tile = v B in fp32 fragments, staged through shared
 // memory and added to y with one 16-byte read-modify-write per 8 columns and
@@ -109,20 +109,70 @@ struct PfLayout {
                 "every buffer starts 128-byte aligned (WMMA needs 32)");
 };
 
-// 16-byte groups of 8 columns of a gathered table row, as cp.async copies:
-// pool[idx[t, j, col / s], col % s .. +8] into dst (8 elements of PT: one copy
-// for 2-byte pools, two for fp32), zero-filled when j >= r, col >= width or
-// the entry is padded / invalid.
+// The buffers of PfLayout<XT, PA, PB> in the kernel's dynamic shared memory.
+template <typename XT, typename PA, typename PB>
+struct PfBufs {
+  using L = PfLayout<XT, PA, PB>;
+  using BF = __nv_bfloat16;
+  XT* xs;      // [2] x stages
+  PA* as;      // [2] A stages
+  BF* xc;      // x hi, lo
+  BF* ac;      // A hi, lo
+  PB* bs;      // [2] B stages
+  BF* bc;      // B hi, lo
+  float* f;    // v staging, then the y tile
+  BF* v_hi;
+  BF* v_lo;
+  int* row_ok;  // [kPfMaxRank] rank rows with at least one usable A entry
+  __device__ __forceinline__ explicit PfBufs(unsigned char* smem)
+      : xs(reinterpret_cast<XT*>(smem + L::xs)),
+        as(reinterpret_cast<PA*>(smem + L::as)),
+        xc(reinterpret_cast<BF*>(smem + L::xc)),
+        ac(reinterpret_cast<BF*>(smem + L::ac)),
+        bs(reinterpret_cast<PB*>(smem + L::bs)),
+        bc(reinterpret_cast<BF*>(smem + L::bc)),
+        f(reinterpret_cast<float*>(smem + L::f)),
+        v_hi(reinterpret_cast<BF*>(smem + L::v_hi)),
+        v_lo(reinterpret_cast<BF*>(smem + L::v_lo)),
+        row_ok(reinterpret_cast<int*>(smem + L::row_ok)) {}
+};
+
+// What both phases know of the block's item.
+struct PfItem {
+  int n0, m, t;    // tokens [n0, n0 + m) of tenant t
+  int r, r16;      // the rank (A.r) and its 16-row tiles (rows_a = 16 * r16 rows are staged)
+  bool warp_busy;  // warp-uniform: this warp's token rows [16 warp, 16 warp + 16) exist
+};
+
+// One side (A or B) as the item's tenant t gathers it: the matrix
+// G[j, col] = pool[tab[j * l + col / s], col % s] of `width` = l * s columns.
 template <typename PT>
-__device__ __forceinline__ void gather8_async(PT* dst, const PT* __restrict__ pool, const int32_t* __restrict__ tab,
-                                              int j, int r, int col, int width, int s, int l, int P) {
-  bool ok = j < r && col < width;
-  const PT* src = pool;
+struct PfSide {
+  const PT* pool;
+  const int32_t* tab;  // the tenant's table [r, l]
+  int s, l, P, width;
+  __device__ __forceinline__ PfSide(const SideArgs& S, int t, int r)
+      : pool(static_cast<const PT*>(S.pool)),
+        tab(S.idx + static_cast<int64_t>(t) * r * static_cast<int>(S.l)),
+        s(static_cast<int>(S.s)),
+        l(static_cast<int>(S.l)),
+        P(static_cast<int>(S.P)),
+        width(s * l) {}
+};
+
+// 16-byte groups of 8 columns of a gathered row, as cp.async copies:
+// G[j, col .. col + 8) into dst (8 elements of PT: one copy for 2-byte pools,
+// two for fp32), zero-filled when j >= r, col >= width or the entry is
+// padded / invalid.
+template <typename PT>
+__device__ __forceinline__ void gather8_async(PT* dst, const PfSide<PT>& g, int j, int r, int col) {
+  bool ok = j < r && col < g.width;
+  const PT* src = g.pool;
   if (ok) {
-    const int i = col / s;  // slot, 32-bit
-    const int p = __ldg(tab + j * l + i);
-    ok = p >= 0 && p < P;
-    if (ok) src = pool + static_cast<int64_t>(p) * s + (col - i * s);
+    const int i = col / g.s;  // slot, 32-bit
+    const int p = __ldg(g.tab + j * g.l + i);
+    ok = p >= 0 && p < g.P;
+    if (ok) src = g.pool + static_cast<int64_t>(p) * g.s + (col - i * g.s);
   }
   cp_async16(dst, src, ok);
   if (sizeof(PT) == 4) cp_async16(dst + 4, src + 4, ok);
@@ -142,47 +192,36 @@ __device__ __forceinline__ void split_stage(const T* src, int ld_src, __nv_bfloa
   }
 }
 
-// Grid (items, 1); dynamic shared memory PfLayout<XT, PA, PB>::bytes.
+// v of one item in fp32 fragments: vacc[jt] holds v[16w .. 16w + 16, 16jt .. 16jt + 16)
+// in warp w (token rows of the warp, rank tile jt).
+using PfAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// Shrink phase of sgmv_prefill_kernel: vacc[jt] = x A_t^T for the item's tokens
+// and the rank tiles jt < pi.r16 (the others 0), and sm.row_ok[j] (j <
+// kPfMaxRank) = 1 for the rank rows j < r with at least one usable A entry.
+// Block-wide; uses the shrink buffers of sm; ends with this warp's last MMAs
+// issued (pf_expand synchronizes before the shrink buffers are reused).
 template <typename XT, typename PA, typename PB>
-__global__ void __launch_bounds__(kPfThreads, 2)
-    sgmv_prefill_kernel(XT* __restrict__ y, int64_t y_stride, const XT* __restrict__ x, int64_t x_stride,
-                        const float* __restrict__ scale, SideArgs A, SideArgs B, SegArgs sg, FastItems fi) {
+__device__ __forceinline__ void pf_shrink(const XT* __restrict__ x, int64_t x_stride, const SideArgs& A,
+                                          const PfItem& pi, const PfBufs<XT, PA, PB>& sm,
+                                          PfAcc (&vacc)[kPfMaxRank / 16]) {
   using namespace nvcuda;
   using BF = __nv_bfloat16;
   using L = PfLayout<XT, PA, PB>;
-  constexpr bool kCvtX = L::kCvtX, kCvtA = L::kCvtA, kCvtB = L::kCvtB;
-  extern __shared__ __align__(128) unsigned char pf_smem[];
-  const ItemInfo it = fast_item<kPfThreads, kPfM>(sg, fi, blockIdx.x);
-  if (it.n0 >= it.n1) return;  // uniform: no such item
+  constexpr bool kCvtX = L::kCvtX, kCvtA = L::kCvtA;
+  constexpr int kSX = kPfM * kPfLdK, kSA = kPfMaxRank * L::kLdA;  // stage sizes (elements)
+  constexpr int kSplitK = kPfMaxRank * kPfLdK;
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int m = it.n1 - it.n0;
-  const int r = static_cast<int>(A.r);
-  const int r16 = (r + 15) >> 4;
-  const int sa = static_cast<int>(A.s), la = static_cast<int>(A.l), h = sa * la, Pa = static_cast<int>(A.P);
-  const int sb = static_cast<int>(B.s), lb = static_cast<int>(B.l), o = sb * lb, Pb = static_cast<int>(B.P);
-  const PA* __restrict__ pool_a = static_cast<const PA*>(A.pool);
-  const PB* __restrict__ pool_b = static_cast<const PB*>(B.pool);
-  const int32_t* __restrict__ tab_a = A.idx + static_cast<int64_t>(it.t) * r * la;
-  const int32_t* __restrict__ tab_b = B.idx + static_cast<int64_t>(it.t) * r * lb;
-  const XT* xrow = x + static_cast<int64_t>(it.n0) * x_stride;
-  XT* yrow = y + static_cast<int64_t>(it.n0) * y_stride;
-  const bool warp_busy = warp * 16 < m;  // warp-uniform: token rows of this warp exist
+  const int m = pi.m, r = pi.r, r16 = pi.r16, rows_a = r16 * 16;
+  const PfSide<PA> ga(A, pi.t, r);
+  const int h = ga.width;
+  const XT* xrow = x + static_cast<int64_t>(pi.n0) * x_stride;
+  XT* const xs = sm.xs;
+  PA* const as = sm.as;
+  BF* const xc = sm.xc;
+  BF* const ac = sm.ac;
+  int* const row_ok = sm.row_ok;
 
-  XT* const xs = reinterpret_cast<XT*>(pf_smem + L::xs);
-  PA* const as = reinterpret_cast<PA*>(pf_smem + L::as);
-  BF* const xc = reinterpret_cast<BF*>(pf_smem + L::xc);
-  BF* const ac = reinterpret_cast<BF*>(pf_smem + L::ac);
-  PB* const bs = reinterpret_cast<PB*>(pf_smem + L::bs);
-  BF* const bc = reinterpret_cast<BF*>(pf_smem + L::bc);
-  float* const f = reinterpret_cast<float*>(pf_smem + L::f);
-  BF* const v_hi = reinterpret_cast<BF*>(pf_smem + L::v_hi);
-  BF* const v_lo = reinterpret_cast<BF*>(pf_smem + L::v_lo);
-  int* const row_ok = reinterpret_cast<int*>(pf_smem + L::row_ok);
-  constexpr int kSX = kPfM * kPfLdK, kSA = kPfMaxRank * L::kLdA, kSB = kPfMaxRank * L::kLdB;  // stage sizes (elements)
-  constexpr int kSplitK = kPfMaxRank * kPfLdK, kSplitN = kPfMaxRank * kPfLdN;
-
-  // ---- shrink: v = x A^T ------------------------------------------------------
-  const int rows_a = r16 * 16;
   auto issue_shrink = [&](int k0, int st) {
     XT* xd = xs + st * kSX;
     for (int e = tid; e < kPfM * (kPfK / 8); e += kPfThreads) {
@@ -193,7 +232,7 @@ __global__ void __launch_bounds__(kPfThreads, 2)
     PA* ad = as + st * kSA;
     for (int e = tid; e < rows_a * (kPfK / 8); e += kPfThreads) {
       const int j = e / (kPfK / 8), cc = (e % (kPfK / 8)) * 8;
-      gather8_async<PA>(ad + j * L::kLdA + cc, pool_a, tab_a, j, r, k0 + cc, h, sa, la, Pa);
+      gather8_async<PA>(ad + j * L::kLdA + cc, ga, j, r, k0 + cc);
     }
   };
 
@@ -202,14 +241,13 @@ __global__ void __launch_bounds__(kPfThreads, 2)
   if (tid < kPfMaxRank) {  // rank rows with at least one usable A entry (overlaps the first copies)
     int ok = 0;
     if (tid < r)
-      for (int i = 0; i < la && !ok; ++i) {
-        const int p = __ldg(tab_a + tid * la + i);
-        ok = p >= 0 && p < Pa;
+      for (int i = 0; i < ga.l && !ok; ++i) {
+        const int p = __ldg(ga.tab + tid * ga.l + i);
+        ok = p >= 0 && p < ga.P;
       }
     row_ok[tid] = ok;
   }
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> vacc[kPfMaxRank / 16];
 #pragma unroll
   for (int jt = 0; jt < kPfMaxRank / 16; ++jt) wmma::fill_fragment(vacc[jt], 0.f);
   const int nk = (h + kPfK - 1) / kPfK;
@@ -225,7 +263,7 @@ __global__ void __launch_bounds__(kPfThreads, 2)
     if (kCvtX || kCvtA) __syncthreads();
     const BF* x_hi = kCvtX ? xc : reinterpret_cast<const BF*>(xs + st * kSX);
     const BF* a_hi = kCvtA ? ac : reinterpret_cast<const BF*>(as + st * kSA);
-    if (warp_busy) {
+    if (pi.warp_busy) {
 #pragma unroll
       for (int kk = 0; kk < kPfK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, BF, wmma::row_major> xh, xl;
@@ -248,13 +286,40 @@ __global__ void __launch_bounds__(kPfThreads, 2)
       }
     }
   }
+}
 
-  // ---- expand: y += v B ---------------------------------------------------------
+// Expand phase of sgmv_prefill_kernel: y[pi.n0 + row, :] += scale[pi.t] * v[row, :] B_t
+// for the item's tokens, with v from pf_shrink (vacc, sm.row_ok). Block-wide;
+// starts with __syncthreads (the shrink buffers are dead: the B stages and
+// sm.f alias them), then stages v scaled in fp32 and split into bf16 hi + lo,
+// rank rows without a usable A entry exactly 0.
+template <typename XT, typename PA, typename PB>
+__device__ __forceinline__ void pf_expand(XT* __restrict__ y, int64_t y_stride, const float* __restrict__ scale,
+                                          const SideArgs& B, const PfItem& pi, const PfBufs<XT, PA, PB>& sm,
+                                          const PfAcc (&vacc)[kPfMaxRank / 16]) {
+  using namespace nvcuda;
+  using BF = __nv_bfloat16;
+  using L = PfLayout<XT, PA, PB>;
+  constexpr bool kCvtB = L::kCvtB;
+  constexpr int kSB = kPfMaxRank * L::kLdB;  // stage size (elements)
+  constexpr int kSplitN = kPfMaxRank * kPfLdN;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int m = pi.m, r = pi.r, r16 = pi.r16, rows_a = r16 * 16;
+  const PfSide<PB> gb(B, pi.t, r);
+  const int o = gb.width;
+  XT* yrow = y + static_cast<int64_t>(pi.n0) * y_stride;
+  PB* const bs = sm.bs;
+  BF* const bc = sm.bc;
+  float* const f = sm.f;
+  BF* const v_hi = sm.v_hi;
+  BF* const v_lo = sm.v_lo;
+  const int* const row_ok = sm.row_ok;
+
   auto issue_expand = [&](int c0, int st) {
     PB* bd = bs + st * kSB;
     for (int e = tid; e < rows_a * (kPfN / 8); e += kPfThreads) {
       const int j = e / (kPfN / 8), cc = (e % (kPfN / 8)) * 8;
-      gather8_async<PB>(bd + j * L::kLdB + cc, pool_b, tab_b, j, r, c0 + cc, o, sb, lb, Pb);
+      gather8_async<PB>(bd + j * L::kLdB + cc, gb, j, r, c0 + cc);
     }
   };
   __syncthreads();  // shrink buffers dead: the B stages and f alias them
@@ -265,7 +330,7 @@ __global__ void __launch_bounds__(kPfThreads, 2)
   for (int jt = 0; jt < kPfMaxRank / 16; ++jt)
     if (jt < r16) wmma::store_matrix_sync(f + warp * 16 * kPfLdF + jt * 16, vacc[jt], kPfLdF, wmma::mem_row_major);
   __syncthreads();
-  const float sc = scale[it.t];
+  const float sc = scale[pi.t];
   for (int e = tid; e < kPfM * (kPfMaxRank / 8); e += kPfThreads) {
     const int row = e / (kPfMaxRank / 8), jc = (e % (kPfMaxRank / 8)) * 8;
     float fv[8];
@@ -290,7 +355,7 @@ __global__ void __launch_bounds__(kPfThreads, 2)
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> yacc[kPfN / 16];
 #pragma unroll
     for (int ct = 0; ct < kPfN / 16; ++ct) wmma::fill_fragment(yacc[ct], 0.f);
-    if (warp_busy) {
+    if (pi.warp_busy) {
 #pragma unroll
       for (int kt = 0; kt < kPfMaxRank / 16; ++kt) {
         if (kt < r16) {
@@ -329,6 +394,22 @@ __global__ void __launch_bounds__(kPfThreads, 2)
       }
     }
   }
+}
+
+// Grid (items, 1); dynamic shared memory PfLayout<XT, PA, PB>::bytes.
+template <typename XT, typename PA, typename PB>
+__global__ void __launch_bounds__(kPfThreads, 2)
+    sgmv_prefill_kernel(XT* __restrict__ y, int64_t y_stride, const XT* __restrict__ x, int64_t x_stride,
+                        const float* __restrict__ scale, SideArgs A, SideArgs B, SegArgs sg, FastItems fi) {
+  extern __shared__ __align__(128) unsigned char pf_smem[];
+  const ItemInfo it = fast_item<kPfThreads, kPfM>(sg, fi, blockIdx.x);
+  if (it.n0 >= it.n1) return;  // uniform: no such item
+  const PfBufs<XT, PA, PB> sm(pf_smem);
+  const int m = it.n1 - it.n0, r = static_cast<int>(A.r);
+  const PfItem pi{it.n0, m, it.t, r, (r + 15) >> 4, (threadIdx.x >> 5) * 16 < m};
+  PfAcc vacc[kPfMaxRank / 16];
+  pf_shrink<XT, PA, PB>(x, x_stride, A, pi, sm, vacc);
+  pf_expand<XT, PA, PB>(y, y_stride, scale, B, pi, sm, vacc);
 }
 
 }  // namespace gpu
