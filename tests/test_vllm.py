@@ -58,26 +58,7 @@ def world(tmp_path_factory):
         peft_models[name] = U.write_mos_adapter(cfg, c, dirs[name], seed=10 + i, safe=name != "erin")
     dirs["bob"] = str(root / "bob")
     peft_models["bob"] = U.write_peft_lora(cfg, dirs["bob"], seed=20, r=12)  # above --max-lora-rank 8: store-held
-    # bad adapters
-    bad = {}
-    bad["corrupt"] = str(root / "corrupt")
-    U.write_mos_adapter(cfg, CONFIGS["alice"], bad["corrupt"], seed=30)
-    with open(os.path.join(bad["corrupt"], "adapter_model.safetensors"), "r+b") as f:
-        f.truncate(100)
-    small = U.llama_config(hidden=128, inter=256)
-    bad["mismatch"] = str(root / "mismatch")
-    U.write_mos_adapter(small, CONFIGS["alice"], bad["mismatch"], seed=31)
-    bad["rank"] = str(root / "rank")
-    U.write_peft_lora(cfg, bad["rank"], seed=32, r=64)
-    bad["size"] = str(root / "size")  # r=32 on all 7 projections: 2 MiB of pools > the 1.5 MiB store
-    U.write_peft_lora(cfg, bad["size"], seed=33, r=32)
-    bad["share"] = str(root / "share")  # r=16: fits the store alone, but not in a 1/max_loras share of it
-    U.write_peft_lora(cfg, bad["share"], seed=35, r=16)
-    bad["dora"] = str(root / "dora")
-    U.write_peft_lora(cfg, bad["dora"], seed=34, r=4)
-    meta = json.load(open(os.path.join(bad["dora"], "adapter_config.json")))
-    meta["use_dora"] = True
-    json.dump(meta, open(os.path.join(bad["dora"], "adapter_config.json"), "w"))
+    bad = U.write_bad_adapters(cfg, str(root), CONFIGS["alice"])  # for the 1.5 MiB store, --max-loras 2
 
     srv = U.Server(PY, base_dir, [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
                    max_loras=2, max_lora_rank=8, max_cpu_loras=8,
@@ -211,11 +192,7 @@ def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
 
 def _store_lines(srv, what):
     """The plugin's memory-accounting log lines (one per load / unload / eviction, per worker) for ``what``."""
-    import re
-
-    pat = re.compile(r"mos_ext store(?: \(TP rank (\d+)/\d+\))?: " + re.escape(what) + r"; resident=(\d+) "
-                     r"used_bytes=(\d+) free_bytes=(\d+) pool_bytes=(\d+) evictions=(\d+) host_copies=(\d+)")
-    return [(int(m.group(1) or 0),) + tuple(int(g) for g in m.groups()[1:]) for m in pat.finditer(srv.tail(100000))]
+    return U.store_lines(srv.tail(100000), what)
 
 
 def _reference_tokens(base_dir, adapter_dir, prompts):
@@ -263,39 +240,6 @@ def test_unload_frees_rows_now_and_reload_serves_new_weights(world, expected, tm
     assert st == 200, body
     for name in ["base", "alice", "bob"]:
         assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name
-
-
-def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, expected):
-    """--tensor-parallel-size 2 (two CPU worker processes, gloo): every rank holds its share of each tenant
-    (column-parallel: B cut by output; row-parallel: A cut by input); greedy tokens of MoS, MiSS, PEFT LoRA
-    tenants and base rows in mixed concurrent batches equal MultiTenantModel (= TP 1, tested above);
-    an unload frees the rows in both ranks' stores."""
-    dirs = world["dirs"]
-    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
-                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
-                   env={"MOS_EXT_VLLM_CAPACITY_MB": "4", "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
-                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                   log_path=str(world["srv"].log_path) + ".tp2", extra=["--tensor-parallel-size", "2"])
-    try:
-        srv.wait_ready(timeout=500)
-        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300, max_retries=0)
-        jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "base"] for i in range(len(PROMPTS))]
-        with cf.ThreadPoolExecutor(8) as ex:
-            futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
-            for f in cf.as_completed(futs):
-                assert f.result() == expected[futs[f]], futs[f]
-        st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "dave", "lora_path": dirs["dave"]})
-        assert st == 200, body
-        assert complete(c, "dave", PROMPTS[1]) == expected[("dave", 1)]
-        st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "dave"})
-        assert st == 200, body
-        loaded = {r[0]: r for r in _store_lines(srv, "loaded 'alice'")}
-        freed = {r[0]: r for r in _store_lines(srv, "unloaded 'dave'")}
-        assert set(loaded) == {0, 1} and set(freed) == {0, 1}, srv.tail(80)
-        print("TP 2 per-rank store after loading alice (rank, resident, used, free, pool bytes):",
-              [loaded[k][:5] for k in (0, 1)])
-    finally:
-        srv.stop()
 
 
 def test_unknown_adapter_name_is_404(world):
@@ -433,3 +377,107 @@ def test_readme_serve_command_works_as_written(tmp_path):
             except ProcessLookupError:
                 pass
         log.close()
+
+
+# ------------------------------------------------------------------------------------ load under fire
+# CI: 64 tenants (a few seconds of storm per TP size); the issue's full 256 with MOS_EXT_SLOW=1 (as the slow
+# grids) or MOS_EXT_VLLM_FIRE_TENANTS=256; benchmarks/bench_vllm_fire.py runs 256 with a larger store
+FIRE_TENANTS = int(os.environ.get("MOS_EXT_VLLM_FIRE_TENANTS",
+                                  "256" if os.environ.get("MOS_EXT_SLOW") == "1" else "64"))
+FIRE_REQUESTS = int(os.environ.get("MOS_EXT_VLLM_FIRE_REQUESTS", str(4 * FIRE_TENANTS)))
+
+
+@pytest.fixture(scope="module")
+def fire(world):
+    """FIRE_TENANTS tenants (MoS, MiSS, LoRA-as-shards, PEFT LoRA r=8, in turn), their MultiTenantModel
+    references, and the bad adapters each load must refuse (4xx, naming the problem)."""
+    import time
+
+    root = os.path.join(os.path.dirname(world["dirs"]["alice"]), "fire")
+    t0 = time.time()
+    kinds = [CONFIGS["alice"], CONFIGS["carol"], CONFIGS["erin"], ("peft_lora", 8)]
+    tenants = U.write_tenants(world["cfg"], root, FIRE_TENANTS, kinds, seed=7)
+    prompts = PROMPTS[:2]
+    want = U.reference_tokens(world["base"], tenants, prompts, N_NEW, MAX_RANK)
+    bad = world["bad"]
+    refuse = [("corrupt", bad["corrupt"], ["corrupt adapter weights"]),
+              ("wrong_shapes", bad["mismatch"], ["the adapter was saved for"]),
+              ("rank", bad["rank"], ["rank 64", f"max_rank={MAX_RANK}"]),
+              ("too_large", bad["size"], ["store rows", "MOS_EXT_VLLM_CAPACITY_MB"])]
+    print(f"fire: {FIRE_TENANTS} tenants written and referenced in {time.time() - t0:.0f}s")
+    return dict(tenants=tenants, want=want, prompts=prompts, refuse=refuse)
+
+
+def _under_fire(srv, fire, expected):
+    want = dict(fire["want"])
+    for i in range(len(fire["prompts"])):
+        want[("base", i)] = expected[("base", i)]
+    churn = list(fire["tenants"])[1::8]  # every 8th tenant: unloaded and reloaded over and over
+    rep = U.load_under_fire(srv, fire["tenants"], want, fire["prompts"], fire["refuse"], n_new=N_NEW,
+                            requests=FIRE_REQUESTS, concurrency=8, churn=churn, min_rounds=2)
+    print("load under fire:", json.dumps({k: v for k, v in rep.items() if k != "problems"}, default=str))
+    assert not rep["problems"], "\n".join(rep["problems"][:20])
+    assert rep["requests_served"] >= FIRE_REQUESTS - rep["unload_404"] and rep["loads"] == len(fire["tenants"])
+    assert rep["unloads"] >= 1 and rep["reloads"] >= 1 and rep["inplace_reloads"] >= 1
+    assert all(len(rep["refusals"].get(lbl, [])) >= 2 for lbl, _, _ in fire["refuse"]), rep["refusals"]
+    assert rep["health_failures"] == 0 and rep["health_checks"] > 0
+    return rep
+
+
+def test_load_under_fire_tp1(world, fire, expected):
+    """FIRE_TENANTS (64; 256 with MOS_EXT_SLOW=1 or MOS_EXT_VLLM_FIRE_TENANTS=256) tenants loaded over HTTP while
+    requests for the tenants loaded so far and the base run 8 at a time; meanwhile every 8th tenant is unloaded
+    and reloaded (also in place), and corrupt / wrong-shape / over-rank / too-large adapters are loaded and
+    refused, over and over. Every completed request equals its tenant's MultiTenantModel tokens, every
+    refusal is a 4xx naming the problem, /health answers throughout and the server keeps its PIDs; the small
+    store (1.5 MiB, 16 resident) evicts tenants to host and reloads them."""
+    rep = _under_fire(world["srv"], fire, expected)
+    assert rep["evictions_by_rank"].get(0, 0) > 0, rep
+
+
+@pytest.fixture(scope="module")
+def world_tp2(world):
+    """A --tensor-parallel-size 2 server (two CPU worker processes, gloo, one core each) on the same base and
+    tenants as ``world``, started once for the TP 2 tests and stopped by its PID."""
+    dirs = world["dirs"]
+    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
+                   env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
+                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                   log_path=str(world["srv"].log_path) + ".tp2", extra=["--tensor-parallel-size", "2"])
+    try:
+        srv.wait_ready(timeout=500)
+        yield dict(srv=srv, client=openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300,
+                                                 max_retries=0))
+    finally:
+        srv.stop()
+
+
+def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, world_tp2, expected):
+    """--tensor-parallel-size 2 (two CPU worker processes, gloo): every rank holds its share of each tenant
+    (column-parallel: B cut by output; row-parallel: A cut by input); greedy tokens of MoS, MiSS, PEFT LoRA
+    tenants and base rows in mixed concurrent batches equal MultiTenantModel (= TP 1, tested above);
+    an unload frees the rows in both ranks' stores."""
+    dirs = world["dirs"]
+    srv, c = world_tp2["srv"], world_tp2["client"]
+    jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "base"] for i in range(len(PROMPTS))]
+    with cf.ThreadPoolExecutor(8) as ex:
+        futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
+        for f in cf.as_completed(futs):
+            assert f.result() == expected[futs[f]], futs[f]
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "dave", "lora_path": dirs["dave"]})
+    assert st == 200, body
+    assert complete(c, "dave", PROMPTS[1]) == expected[("dave", 1)]
+    st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "dave"})
+    assert st == 200, body
+    loaded = {r[0]: r for r in _store_lines(srv, "loaded 'alice'")}
+    freed = {r[0]: r for r in _store_lines(srv, "unloaded 'dave'")}
+    assert set(loaded) == {0, 1} and set(freed) == {0, 1}, srv.tail(80)
+    print("TP 2 per-rank store after loading alice (rank, resident, used, free, pool bytes):",
+          [loaded[k][:5] for k in (0, 1)])
+
+
+def test_load_under_fire_tp2(world_tp2, fire, expected):
+    """The same storm against the TP 2 server (both ranks' stores load, unload, evict and refuse together)."""
+    rep = _under_fire(world_tp2["srv"], fire, expected)
+    assert set(rep["evictions_by_rank"]) == {0, 1}, rep

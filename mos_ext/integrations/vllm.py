@@ -28,6 +28,10 @@ patches live here and nowhere else):
 * ``OpenAIServingModels.load_lora_adapter`` (API server): a load refused by mos_ext (corrupt or
   mismatched adapter, rank or size beyond the store's capacity) answers HTTP 400 naming the
   problem instead of vLLM's generic 500.
+* ``MultiprocExecutor.collective_rpc`` (engine core, TP > 1): when a blocking call to every worker fails,
+  vLLM raises at the first failed answer and leaves the other ranks' answers queued, so the next
+  ``add_lora`` / ``remove_lora`` reads a stale answer (a good load refused with an earlier bad one's
+  message, an unload answered 500); the answers left are read before the error goes on.
 
 The store is bounded by bytes: when a new adapter does not fit, least recently used tenants
 that no current adapter slot holds are evicted, kept in host memory at their compressed size, and
@@ -511,6 +515,60 @@ def _patch_api_server():
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
 
 
+class _Answered:
+    """A worker's response queue that records whether the current collective call read it."""
+
+    def __init__(self, mq, read, i):
+        self._mq, self._read, self._i = mq, read, i
+
+    def dequeue(self, *args, **kwargs):
+        out = self._mq.dequeue(*args, **kwargs)
+        self._read[self._i] = True
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._mq, name)
+
+
+def _patch_executor():
+    """TP > 1: a blocking collective call that fails on one rank (an adapter mos_ext refuses fails on every
+    rank) must not leave the later ranks' answers queued. vLLM 0.32 / 0.34's ``MultiprocExecutor.collective_rpc``
+    raises at the first failed answer without reading the rest; the next collective call (the next
+    ``add_lora`` / ``remove_lora``) then reads that stale answer: a good load answered with the refusal of an
+    earlier bad one, an unload with a 500. This drains the answers left unread before the error goes on."""
+    try:
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    except ImportError:  # pragma: no cover - a build without the multiprocess executor
+        return
+    orig = MultiprocExecutor.collective_rpc
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False, unique_reply_rank=None,
+                       kv_output_aggregator=None, ec_output_aggregator=None):
+        call = dict(timeout=timeout, args=args, kwargs=kwargs, non_block=non_block,
+                    unique_reply_rank=unique_reply_rank, kv_output_aggregator=kv_output_aggregator,
+                    ec_output_aggregator=ec_output_aggregator)
+        mqs = getattr(self, "response_mqs", None)
+        if non_block or unique_reply_rank is not None or not mqs or len(mqs) < 2:
+            return orig(self, method, **call)
+        read = [False] * len(mqs)
+        self.response_mqs = [_Answered(mq, read, i) for i, mq in enumerate(mqs)]
+        try:
+            return orig(self, method, **call)
+        except RuntimeError:
+            for i, mq in enumerate(mqs):
+                if not read[i]:  # this rank's answer to the failed call: read it now, not in the next call
+                    try:
+                        mq.dequeue(timeout=300 if timeout is None else timeout)
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
+                        pass
+            raise
+        finally:
+            self.response_mqs = mqs
+
+    collective_rpc.__mos_ext_patched__ = True
+    MultiprocExecutor.collective_rpc = collective_rpc
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: idempotent; refuses an untested vLLM."""
     global _patched
@@ -529,4 +587,5 @@ def register() -> None:
             return
         _patch_worker()
         _patch_api_server()
+        _patch_executor()
         _patched = True

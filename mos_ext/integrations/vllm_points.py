@@ -57,6 +57,11 @@ POINTS: Tuple[PatchPoint, ...] = (
                ("self", "request", "base_model_name"), True, "a refused adapter answers 400 naming the problem"),
     PatchPoint("entrypoints/openai/models/serving.py", "OpenAIServingModels", "unload_lora_adapter",
                ("self", "request"), True, "/v1/unload_lora_adapter reaches the workers (engine_client.remove_lora)"),
+    PatchPoint("v1/executor/multiproc_executor.py", "MultiprocExecutor", "collective_rpc",
+               ("self", "method", "timeout", "args", "kwargs", "non_block", "unique_reply_rank",
+                "kv_output_aggregator", "ec_output_aggregator"), False,
+               "TP > 1: a failed call (a refused adapter) leaves no rank's answer queued for the next call "
+               "(the wrapper swaps self.response_mqs, which the method reads)"),
     # called, not replaced
     PatchPoint("v1/engine/async_llm.py", "AsyncLLM", "remove_lora", ("self", "lora_id"), True,
                "the API server's engine client tells every worker to remove an adapter", True),
