@@ -14,6 +14,11 @@ batched with adapter requests (every slot in use) still get the base model's gre
 
     python benchmarks/bench_vllm.py                    # CPU; vLLM python from $MOS_EXT_VLLM_PYTHON
     python benchmarks/bench_vllm.py --tenants 8 --requests 32    # quick
+    python benchmarks/bench_vllm.py --tp 2                       # both servers at --tensor-parallel-size 2
+
+At ``--tp N`` both servers run vLLM's tensor parallelism (N worker processes; on the CPU build their
+threads bound one core each, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``); vLLM's LoRA path splits its slots as
+its LoRA layers do, the plugin's store holds each rank's share. The JSON and PNG names get ``_tp{N}``.
 
 Prints a table, writes JSON (``--out``) and a PNG (``--png``).
 """
@@ -57,6 +62,7 @@ def parse():
     ap.add_argument("--budget-gb", type=float, default=1.0, help="memory budget for 'tenants resident'")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_vllm.json"))
     ap.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "vllm_cpu.png"))
+    ap.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of both servers")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     try:
@@ -65,7 +71,13 @@ def parse():
         ap.error(f"--tenants must be comma-separated integers, got {a.tenants!r}")
     if not a.tenant_counts or min(a.tenant_counts) < 1:
         ap.error(f"--tenants needs positive counts, got {a.tenants!r}")
-    for k in ("requests", "concurrency", "max_loras", "repeats", "prompt_len", "new_tokens", "rank", "e"):
+    if a.tp > 1:  # default output names get the TP size; names given explicitly are kept
+        root_out = os.path.join(ROOT, "benchmarks", "out", "bench_vllm.json")
+        if a.out == root_out:
+            a.out = root_out.replace(".json", f"_tp{a.tp}.json")
+        if a.png == os.path.join(ROOT, "benchmarks", "vllm_cpu.png"):
+            a.png = a.png.replace(".png", f"_tp{a.tp}.png")
+    for k in ("requests", "concurrency", "max_loras", "repeats", "prompt_len", "new_tokens", "rank", "e", "tp"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     return a
@@ -141,9 +153,14 @@ def start_server(a, mode, base_dir, dirs, py, work):
     env = {"MOS_EXT_VLLM_PLUGIN": "0"} if mode == "lora" else {
         "MOS_EXT_VLLM_PLUGIN": "1", "MOS_EXT_VLLM_CAPACITY_MB": "1024",
         "MOS_EXT_VLLM_MAX_TENANTS": str(max(a.tenant_counts) + 8), "MOS_EXT_VLLM_MAX_RANK": str(a.rank)}
-    srv = U.Server(py, base_dir, max_loras=a.max_loras, max_lora_rank=a.rank, max_cpu_loras=max(a.tenant_counts),
-                   env=env, log_path=os.path.join(work, f"server_{mode}.log"),
-                   extra=["--max-num-seqs", str(a.concurrency)])
+    extra = ["--max-num-seqs", str(a.concurrency)]
+    if a.tp > 1:
+        extra += ["--tensor-parallel-size", str(a.tp)]
+        cores = os.cpu_count() or a.tp
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(a.tp))  # one core per rank
+    cpu_loras = max(max(a.tenant_counts), a.max_loras)  # vLLM wants max_cpu_loras >= max_loras
+    srv = U.Server(py, base_dir, max_loras=a.max_loras, max_lora_rank=a.rank, max_cpu_loras=cpu_loras, env=env,
+                   log_path=os.path.join(work, f"server_{mode}_tp{a.tp}.log"), extra=extra)
     return srv
 
 
@@ -218,6 +235,14 @@ def run_all(a, base_dir, dirs_by_mode, py, work):
             out[m]["ready_s"] = srvs[m].wait_ready(timeout=900)
         for m in modes:
             out[m]["load_all_s"] = load_all(srvs[m], m, dirs_by_mode[m])
+            last = {}
+            for rk, res, used, free, pool, ev, host in U.store_lines(srvs[m].tail(10 ** 7)):
+                last[rk] = dict(resident=res, used_bytes=used, pool_bytes=pool, evictions=ev)
+            if last:  # the plugin's store on each worker after loading every tenant
+                out[m]["store_by_rank"] = last
+                print(f"  {m}: store per rank after loading all: " + "; ".join(
+                    f"rank {k}: {v['resident']} resident, {v['used_bytes'] / max(1, v['resident']):,.0f} B/tenant"
+                    for k, v in sorted(last.items())), flush=True)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, 1000, (a.requests, a.prompt_len), generator=g).tolist()
         for m in modes:  # warm-up
@@ -255,7 +280,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     cfg, base_dir, mos, lora = make_adapters(a, work)
     mem = memory(a, cfg, mos[0], lora[0])
-    print("== lora: vLLM's own LoRA path (plugin off) | mos: vLLM with the mos_ext plugin; alternating", flush=True)
+    print(f"== lora: vLLM's own LoRA path (plugin off) | mos: vLLM with the mos_ext plugin; alternating; TP {a.tp}",
+          flush=True)
     runs = run_all(a, base_dir, {"lora": lora, "mos": mos}, py, work)
     budget = int(a.budget_gb * (1 << 30))
     rows = []
@@ -265,6 +291,7 @@ def main():
                          ratio=mo["tokens_per_s"] / lo["tokens_per_s"], lora_p50=lo["p50_s"], lora_p99=lo["p99_s"],
                          mos_p50=mo["p50_s"], mos_p99=mo["p99_s"]))
     print()
+    print(f"TP {a.tp}:")
     print(f"| tenants | vLLM LoRA tok/s | MoS tok/s | MoS/LoRA | LoRA p50 / p99 s | MoS p50 / p99 s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -306,7 +333,7 @@ def main():
         ax[0].set_ylabel("generated tokens / s")
         ax[0].set_ylim(bottom=0)
         ax[0].legend()
-        ax[0].set_title("throughput (CPU, shared 2 cores)")
+        ax[0].set_title(f"throughput (CPU, shared 2 cores, TP {a.tp})")
         labels = ["this base", "LLaMA-2-7B fp16"]
         vals = [(mem["tenants_in_budget_lora"], mem["tenants_in_budget_mos"]),
                 (mem["llama7b"]["tenants_in_budget_lora"], mem["llama7b"]["tenants_in_budget_mos"])]
