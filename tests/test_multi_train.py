@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from mos_ext.multi_train import (FrozenAdapterError, JointModel, JointTraining, TenantMismatchError,  # noqa: E402
+from mos_ext.multi_train import (FrozenAdapterError, JointTraining, TenantMismatchError,  # noqa: E402
                                  TenantSettings, UnknownAdapterError, token_losses)
 
 VOCAB = 96
@@ -108,6 +108,17 @@ def train_alone(pm, name, settings, steps, device="cpu"):
         if sched:
             sched.step()
     return pools(pm, name)
+
+
+def train_jointly(pm, names, steps):
+    """A JointTraining over ``pm`` with tenants ``names`` (SETTINGS), trained ``steps`` steps on their rows."""
+    joint = JointTraining(pm)
+    for n in names:
+        joint.add_tenant(n, SETTINGS[n])
+    for k in range(steps):
+        ids, labels, who = mixed_batch(names, k)
+        joint.train_step(ids, labels=labels, adapter_names=who)
+    return joint
 
 
 def assert_pools_close(got, want, rtol, what):
@@ -218,12 +229,7 @@ def test_tenants_join_and_leave_without_disturbing_others():
     2 steps alone."""
     pm = build(torch.float64)
     ref = copy.deepcopy(pm)
-    joint = JointTraining(pm)
-    for n in ("mos4", "lora2"):
-        joint.add_tenant(n, SETTINGS[n])
-    for k in range(2):
-        ids, labels, who = mixed_batch(["mos4", "lora2"], k)
-        joint.train_step(ids, labels=labels, adapter_names=who)
+    joint = train_jointly(pm, ["mos4", "lora2"], 2)
     joint.remove_tenant("lora2")
     joint.add_tenant("miss4", SETTINGS["miss4"])
     # the newcomer starts at its own step 0 with the rows of its step 0
@@ -319,12 +325,7 @@ def test_tenant_saves_to_its_own_directory_and_resumes_with_its_optimizer(tmp_pa
     read it); a job resumed from it continues exactly as the uninterrupted job."""
     pm = build(torch.float64)
     ref = copy.deepcopy(pm)
-    joint = JointTraining(pm)
-    for n in ("mos4", "miss4"):
-        joint.add_tenant(n, SETTINGS[n])
-    for k in range(2):
-        ids, labels, who = mixed_batch(["mos4", "miss4"], k)
-        joint.train_step(ids, labels=labels, adapter_names=who)
+    joint = train_jointly(pm, ["mos4", "miss4"], 2)
     d = joint.save_tenant("miss4", str(tmp_path / "miss4"))
     files = sorted(p.name for p in (tmp_path / "miss4").iterdir() if p.name != "README.md")  # PEFT's model card
     assert files == ["adapter_config.json", "adapter_model.safetensors", "tenant_state.pt"], files

@@ -1,16 +1,10 @@
 """End-to-end training: a short run whose loss drops, gradient checkpointing, and DDP (gloo,
 2 CPU processes) and FSDP2 giving the pool gradients and optimizer step of one process on the
 whole batch."""
-import datetime
-import faulthandler
 import os
-import time
-import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -18,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 pytest.importorskip("peft")
 import peft  # noqa: E402
 
+from gloo_util import gloo_rank, run_gloo_ranks  # noqa: E402
 from mos_ext import MoSConfig  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,10 +79,6 @@ def test_gradient_checkpointing_same_grads():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
 
 
-DIST_DEADLINE_S = 300  # each run takes ~10 s on an idle 2-core machine
-TEARDOWN_GRACE_S = 60  # after both ranks saved their results, for gloo's teardown
-
-
 def _init_b(model):
     with torch.no_grad():
         for p in b_pools(model):
@@ -96,18 +87,7 @@ def _init_b(model):
 
 
 def _dist_worker(rank, world, out_dir, mode):
-    log = open(os.path.join(out_dir, f"rank{rank}.log"), "a", buffering=1)
-
-    def stage(msg):
-        log.write(f"{time.monotonic():.1f} {msg}\n")
-
-    torch.set_num_threads(1)
-    stage("init_process_group")
-    # a file rendezvous (no port to race for) and gloo on loopback, bounded in time
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    finished = False
-    try:
+    with gloo_rank(rank, world, out_dir) as stage:
         stage("build")
         model = _init_b(build())
         stage(f"wrap ({mode})")
@@ -132,47 +112,13 @@ def _dist_worker(rank, world, out_dir, mode):
         opt.step()
         after = {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"grad": grads, "after": after}, os.path.join(out_dir, f"rank{rank}.pt"))
-        stage("done")
-        dist.barrier()  # both ranks are past their last collective before either tears down
-        finished = True
-    finally:
-        # a teardown that hangs leaves its Python stacks in the log for the test's message
-        faulthandler.dump_traceback_later(TEARDOWN_GRACE_S / 2, file=log)
-        dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
-        stage("destroyed")
-    if finished:  # nothing of ours runs in interpreter teardown: skip it (its thread joins can hang)
-        log.close()
-        os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_gloo_matches_single_process(tmp_path, monkeypatch, mode):
     """DDP and FSDP2 on 2 CPU processes (gloo): the pool gradients, the clipped AdamW step and the
     pools after it equal one process on the whole batch."""
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_dist_worker, args=(2, str(tmp_path), mode), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DIST_DEADLINE_S
-    saved_at = None
-    while not ctx.join(timeout=5):  # raises if a worker failed
-        logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("rank*.log"))}
-        saved = len(logs) == 2 and all(" done\n" in t for t in logs.values())
-        saved_at = saved_at or (time.monotonic() if saved else None)
-        if saved and time.monotonic() > saved_at + TEARDOWN_GRACE_S:
-            # the ranks finished and saved what this test checks; only torch.distributed's teardown
-            # is stuck (seen once in CI under load). Not what this test is about: say so, go on.
-            for proc in ctx.processes:
-                proc.kill()
-            warnings.warn(f"{mode}: gloo teardown did not finish in {TEARDOWN_GRACE_S} s; logs: {logs}")
-            break
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"{mode} workers did not finish in {DIST_DEADLINE_S} s; their progress: {logs}")
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = run_gloo_ranks(_dist_worker, (mode,), tmp_path, monkeypatch, what=mode)
     model = _init_b(build())
     params = [p for p in model.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
