@@ -1,8 +1,9 @@
 // The one TORCH_LIBRARY(mos, m) block of the package: every schema of the op
 // contract (shared/design/MOS.md §3), nothing else. Kernels register themselves
 // with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/register_cuda.cpp;
-// `sharded_lora` (composite + autograd) is csrc/sharded_lora.cpp; fake (meta)
-// impls and the other autograd formulas live in mos_ext/ops.py.
+// `sharded_lora` (composite + autograd) and `sgmv_shrink`'s autograd are
+// csrc/sharded_lora.cpp; fake (meta) impls and gather_shards' autograd live in
+// mos_ext/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mos, m) {

@@ -1,10 +1,15 @@
-// sharded_lora: the differentiable entry point (MOS.md §3), device-generic.
+// sharded_lora and sgmv_shrink's autograd: the differentiable entry points
+// (MOS.md §3), device-generic, on one set of backward helpers.
 //
-// Forward (CompositeExplicitAutograd): v = sgmv_shrink(x), delta = sgmv_expand(0, v).
-// Backward (Autograd key), with w = sgmv_shrink(d_delta, pool_b) = d_delta @ B_t:
+// sharded_lora forward (CompositeExplicitAutograd): v = sgmv_shrink(x),
+// delta = sgmv_expand(0, v).
+// sharded_lora backward (Autograd key), with w = sgmv_shrink(d_delta, pool_b) = d_delta @ B_t:
 //   dx      = sgmv_expand(0, w, pool_a, scale) [+ sgmv_expand(., dv, pool_a, 1)]
 //   d pool_a = shard_grad(0, w, x, idx_a, scale) [+ shard_grad(., dv, x, idx_a, 1)]
 //   d pool_b = shard_grad(0, v, d_delta, idx_b, scale)
+// sgmv_shrink backward (Autograd key; its kernels are CPU/CUDA):
+//   dx      = sgmv_expand(0, dv, pool_a, 1)
+//   d pool_a = shard_grad(0, dv, x, idx_a, 1)
 // The pool gradients come from the fused accumulation, in the accumulation
 // dtype, then cast to the pool dtype. Deterministic (fixed-order) accumulation
 // when mos_ext.set_deterministic_grads(True) was in effect at forward time, or
@@ -15,9 +20,10 @@
 // L layers would otherwise cost L pool-sized zero tensors, L casts and L-1
 // pool-sized adds per step inside autograd's input buffer. A "tap" is an
 // identity node put between the pool parameter and its consumers once per
-// forward pass. A sharded_lora node whose pool input comes straight out of a
-// tap accumulates its pool gradient (shard_grad) into the tap's fp32 buffer,
-// created by the first such node, and returns no gradient for that input; the
+// forward pass. A sharded_lora or sgmv_shrink node whose pool input comes
+// straight out of a tap accumulates its pool gradient (shard_grad) into the
+// tap's fp32 buffer, created by the first such node, and returns no gradient
+// for that input; the
 // tap runs after all its consumers (autograd's dependency order), adds any
 // ordinary gradients it received, casts once to the pool dtype and hands the
 // buffer to the pool's AccumulateGrad as one ordinary gradient (so .grad,
@@ -25,7 +31,7 @@
 // A node whose saved pool is not the tap's output (activation checkpointing
 // recomputes, a cast in between) returns its gradient as usual. Everything goes through the dispatcher,
 // so the same code serves CPU, CUDA and tracing (torch.compile / AOTAutograd);
-// the fake kernel is in mos_ext/ops.py. Written in C++ because the Python
+// the fake kernels are in mos_ext/ops.py. Written in C++ because the Python
 // autograd registration cost ~240 us per layer, more than the kernels at small
 // sizes.
 #include <ATen/ATen.h>
@@ -156,6 +162,61 @@ at::Tensor tap_accumulator(TapNode* tap, const at::Tensor& pool, at::ScalarType 
   return a.scalar_type() == acc ? a : at::Tensor();
 }
 
+// What a backward needs to know from its forward about pool gradients: the
+// deterministic flag then, and the taps the pools came out of (one key a pool).
+void record_pool_grad_context(AutogradContext* ctx, std::initializer_list<std::pair<const char*, at::Tensor>> pools) {
+  ctx->saved_data["det"] = deterministic_grads_flag();
+  for (const auto& [key, pool] : pools) ctx->saved_data[key] = tap_address(pool);
+}
+
+bool deterministic_backward(AutogradContext* ctx) {
+  return ctx->saved_data["det"].toBool() || deterministic_grads_enabled();
+}
+
+// A scale of ones for the tenants of idx (a gradient that carries no scale).
+at::Tensor ones_scale(const at::Tensor& idx) { return at::ones({idx.size(0)}, idx.options().dtype(at::kFloat)); }
+
+// dx += sgmv_expand(u, pool, idx, scale): the input gradient through one side,
+// dx created zeroed like x on first use.
+void add_input_grad(at::Tensor& dx, const at::Tensor& x, const at::Tensor& u, const at::Tensor& pool,
+                    const at::Tensor& idx, const at::Tensor& scale, const at::Tensor& ip, const at::Tensor& tn) {
+  if (!dx.defined()) dx = at::zeros(x.sizes(), x.options());
+  call_expand(dx, u, pool, idx, scale, ip, tn);
+}
+
+// The gradient of one pool input, summed by shard_grad: into the accumulator
+// of the tap the pool comes out of (recorded under `key` at forward time; the
+// node then returns no gradient for it), else into a buffer of its own in the
+// accumulation dtype, created zeroed on first use and cast by result().
+class PoolGrad {
+ public:
+  PoolGrad(AutogradContext* ctx, const char* key, const at::Tensor& pool, at::ScalarType acc, bool det, bool needed)
+      : pool_(pool), acc_(acc), det_(det) {
+    if (needed)
+      if (TapNode* tap = tap_of(pool, ctx, key)) tap_acc_ = tap_accumulator(tap, pool, acc);
+  }
+
+  // += scale[t] * sum over t's tokens of u[n, j] * x[n, i-th shard]
+  void add(const at::Tensor& u, const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scale,
+           const at::Tensor& ip, const at::Tensor& tn) {
+    if (tap_acc_.defined()) {
+      call_shard_grad(tap_acc_, u, x, idx, scale, ip, tn, det_);
+      return;
+    }
+    if (!grad_.defined()) grad_ = at::zeros(pool_.sizes(), pool_.options().dtype(acc_));
+    call_shard_grad(grad_, u, x, idx, scale, ip, tn, det_);
+  }
+
+  // What the node returns for the pool: undefined when nothing was added or it went into a tap.
+  at::Tensor result() const { return grad_.defined() ? grad_.to(pool_.scalar_type()) : grad_; }
+
+ private:
+  at::Tensor pool_;
+  at::ScalarType acc_;
+  bool det_;
+  at::Tensor tap_acc_, grad_;
+};
+
 class ShardedLoraFn : public torch::autograd::Function<ShardedLoraFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& pool_a,
@@ -164,9 +225,7 @@ class ShardedLoraFn : public torch::autograd::Function<ShardedLoraFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, v] = call_sharded_lora(x, pool_a, pool_b, idx_a, idx_b, scale, ip, tn);
     ctx->save_for_backward({x, pool_a, pool_b, idx_a, idx_b, scale, ip, tn, v});
-    ctx->saved_data["det"] = deterministic_grads_flag();
-    ctx->saved_data["tap_a"] = tap_address(pool_a);
-    ctx->saved_data["tap_b"] = tap_address(pool_b);
+    record_pool_grad_context(ctx, {{"tap_a", pool_a}, {"tap_b", pool_b}});
     ctx->set_materialize_grads(false);
     return {y, v};
   }
@@ -177,54 +236,55 @@ class ShardedLoraFn : public torch::autograd::Function<ShardedLoraFn> {
                      &idx_b = saved[4], &scale = saved[5], &ip = saved[6], &tn = saved[7], &v = saved[8];
     const bool need_x = ctx->needs_input_grad(0), need_pa = ctx->needs_input_grad(1),
                need_pb = ctx->needs_input_grad(2);
-    at::Tensor dx, dpa, dpb;
     const at::ScalarType acc = acc_dtype(x.scalar_type());
-    const bool det = ctx->saved_data["det"].toBool() || deterministic_grads_enabled();
-    // Accumulators of the taps the pools come out of (undefined: no tap).
-    at::Tensor acc_a, acc_b;
-    if (need_pa)
-      if (TapNode* tap = tap_of(pool_a, ctx, "tap_a")) acc_a = tap_accumulator(tap, pool_a, acc);
-    if (need_pb)
-      if (TapNode* tap = tap_of(pool_b, ctx, "tap_b")) acc_b = tap_accumulator(tap, pool_b, acc);
+    const bool det = deterministic_backward(ctx);
     // pool_a and pool_b may be the same tap (one pool for both sides)
-    auto input_grad = [&](const at::Tensor& u, const at::Tensor& sc) {
-      if (!dx.defined()) dx = at::zeros(x.sizes(), x.options());
-      call_expand(dx, u, pool_a, idx_a, sc, ip, tn);
-    };
-    auto pool_a_grad = [&](const at::Tensor& u, const at::Tensor& sc) {
-      if (acc_a.defined()) {
-        call_shard_grad(acc_a, u, x, idx_a, sc, ip, tn, det);
-        return;
-      }
-      if (!dpa.defined()) dpa = at::zeros(pool_a.sizes(), pool_a.options().dtype(acc));
-      call_shard_grad(dpa, u, x, idx_a, sc, ip, tn, det);
-    };
+    PoolGrad dpa(ctx, "tap_a", pool_a, acc, det, need_pa);
+    PoolGrad dpb(ctx, "tap_b", pool_b, acc, det, need_pb);
+    at::Tensor dx;
     const at::Tensor& dy_in = grads[0];
     if (dy_in.defined()) {
       const at::Tensor dy = unit_stride(dy_in);
       if (need_x || need_pa) {
         const at::Tensor w = call_shrink(dy, pool_b, idx_b, ip, tn);  // dy @ B_t
-        if (need_x) input_grad(w, scale);
-        if (need_pa) pool_a_grad(w, scale);
+        if (need_x) add_input_grad(dx, x, w, pool_a, idx_a, scale, ip, tn);
+        if (need_pa) dpa.add(w, x, idx_a, scale, ip, tn);
       }
-      if (need_pb) {
-        if (acc_b.defined()) {
-          call_shard_grad(acc_b, v, dy, idx_b, scale, ip, tn, det);
-        } else {
-          dpb = at::zeros(pool_b.sizes(), pool_b.options().dtype(acc));
-          call_shard_grad(dpb, v, dy, idx_b, scale, ip, tn, det);
-        }
-      }
+      if (need_pb) dpb.add(v, dy, idx_b, scale, ip, tn);
     }
     if (grads[1].defined() && (need_x || need_pa)) {  // v used downstream: v = x @ A_t^T, no scale
       const at::Tensor dv = unit_stride(grads[1].to(v.scalar_type()));
-      const at::Tensor ones = at::ones({idx_a.size(0)}, scale.options());
-      if (need_x) input_grad(dv, ones);
-      if (need_pa) pool_a_grad(dv, ones);
+      const at::Tensor ones = ones_scale(idx_a);
+      if (need_x) add_input_grad(dx, x, dv, pool_a, idx_a, ones, ip, tn);
+      if (need_pa) dpa.add(dv, x, idx_a, ones, ip, tn);
     }
-    if (dpa.defined()) dpa = dpa.to(pool_a.scalar_type());
-    if (dpb.defined()) dpb = dpb.to(pool_b.scalar_type());
-    return {dx, dpa, dpb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dpa.result(), dpb.result(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// sgmv_shrink's autograd: v = x @ A_t^T per segment (no scale).
+class ShrinkFn : public torch::autograd::Function<ShrinkFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& pool_a,
+                            const at::Tensor& idx_a, const at::Tensor& ip, const at::Tensor& tn) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor v = call_shrink(x, pool_a, idx_a, ip, tn);
+    ctx->save_for_backward({x, pool_a, idx_a, ip, tn});
+    record_pool_grad_context(ctx, {{"tap_a", pool_a}});
+    return v;  // grads materialized: an undefined dv gives zero gradients, as ever
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &pool_a = saved[1], &idx_a = saved[2], &ip = saved[3], &tn = saved[4];
+    const bool need_x = ctx->needs_input_grad(0), need_pa = ctx->needs_input_grad(1);
+    PoolGrad dpa(ctx, "tap_a", pool_a, acc_dtype(x.scalar_type()), deterministic_backward(ctx), need_pa);
+    const at::Tensor dv = unit_stride(grads[0]);
+    const at::Tensor ones = ones_scale(idx_a);
+    at::Tensor dx;
+    if (need_x) add_input_grad(dx, x, dv, pool_a, idx_a, ones, ip, tn);
+    if (need_pa) dpa.add(dv, x, idx_a, ones, ip, tn);
+    return {dx, dpa.result(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -236,12 +296,20 @@ std::tuple<at::Tensor, at::Tensor> sharded_lora_autograd(const at::Tensor& x, co
   return {out[0], out[1]};
 }
 
+at::Tensor sgmv_shrink_autograd(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
+                                const at::Tensor& ip, const at::Tensor& tn) {
+  return ShrinkFn::apply(x, pool_a, idx_a, ip, tn);
+}
+
 }  // namespace
 
 at::Tensor pool_grad_tap(const at::Tensor& pool) { return PoolGradTap::apply(pool); }
 
 TORCH_LIBRARY_IMPL(mos, CompositeExplicitAutograd, m) { m.impl("sharded_lora", &sharded_lora_composite); }
 
-TORCH_LIBRARY_IMPL(mos, Autograd, m) { m.impl("sharded_lora", &sharded_lora_autograd); }
+TORCH_LIBRARY_IMPL(mos, Autograd, m) {
+  m.impl("sharded_lora", &sharded_lora_autograd);
+  m.impl("sgmv_shrink", &sgmv_shrink_autograd);
+}
 
 }  // namespace mos

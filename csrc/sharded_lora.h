@@ -5,7 +5,7 @@
 
 namespace mos {
 
-// Identity on `pool` for one forward pass whose sharded_lora consumers then
+// Identity on `pool` for one forward pass whose sharded_lora and sgmv_shrink consumers then
 // accumulate their pool gradients into one buffer per backward pass, handed to
 // autograd once (see sharded_lora.cpp). Differentiable; not a dispatcher op
 // (eager autograd only).

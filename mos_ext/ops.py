@@ -34,16 +34,15 @@ A ``-1`` entry is skipped, never multiplied as a zero shard: Inf/NaN in ``x``
 (or in the columns of ``v`` of a padded rank row) do not reach ``y`` through
 it, on the CPU and on CUDA alike.
 
-This module registers the fake (meta) kernels and the autograd formulas of
-``sgmv_shrink`` and ``gather_shards``; the kernels, and ``sharded_lora``'s
-composite and autograd (``csrc/sharded_lora.cpp``), are C++/CUDA.
+This module registers the fake (meta) kernels and the autograd formula of
+``gather_shards``; the kernels, ``sharded_lora``'s composite, and the autograd
+of ``sharded_lora`` and ``sgmv_shrink`` (``csrc/sharded_lora.cpp``) are C++/CUDA.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and kernels)
-from .settings import deterministic_grads_enabled
 
 __all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "validate_tables",
            "validate_segments", "pool_grad_tap", "PoolGradTaps"]
@@ -269,7 +268,8 @@ def _sharded_lora_fake(x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_t
 
 
 # ----------------------------------------------------------------------------
-# sharded_lora: its composite and autograd are C++ (csrc/sharded_lora.cpp).
+# sharded_lora: its composite and autograd are C++ (csrc/sharded_lora.cpp). The fake kernel
+# repeats the composite's one check of its own (check_tables_agree) on possibly symbolic shapes.
 
 
 def _check_tables_agree(idx_a, idx_b):
@@ -281,48 +281,7 @@ def _check_tables_agree(idx_a, idx_b):
 
 
 # ----------------------------------------------------------------------------
-# Autograd
-
-
-def _unit_stride(t):
-    return t if t.dim() < 2 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _pool_grad(pool, u, x, idx, scale, seg_indptr, seg_tenant):
-    """d(pool) from rank-space grads u [N, r] and activations x, via shard_grad."""
-    g = torch.zeros(pool.shape, dtype=_acc_dtype(x.dtype), device=pool.device)
-    torch.ops.mos.shard_grad(g, u, x, idx, scale, seg_indptr, seg_tenant, deterministic_grads_enabled())
-    return g
-
-
-def _input_grad(x_like, u, pool, idx, scale, seg_indptr, seg_tenant):
-    """d(x) = expand of rank-space grads u through (pool, idx)."""
-    g = torch.zeros(x_like.shape, dtype=x_like.dtype, device=x_like.device)
-    torch.ops.mos.sgmv_expand(g, u, pool, idx, scale, seg_indptr, seg_tenant)
-    return g
-
-
-def _ones_scale(idx):
-    return torch.ones(idx.shape[0], dtype=torch.float32, device=idx.device)
-
-
-def _shrink_setup(ctx, inputs, output):
-    x, pool_a, idx_a, seg_indptr, seg_tenant = inputs
-    ctx.save_for_backward(x, pool_a, idx_a, seg_indptr, seg_tenant)
-
-
-def _shrink_backward(ctx, dv):
-    x, pool_a, idx_a, seg_indptr, seg_tenant = ctx.saved_tensors
-    need_x, need_pa = ctx.needs_input_grad[:2]
-    dv = _unit_stride(dv)
-    ones = _ones_scale(idx_a)
-    seg = (seg_indptr, seg_tenant)
-    dx = _input_grad(x, dv, pool_a, idx_a, ones, *seg) if need_x else None
-    dpa = _pool_grad(pool_a, dv, x, idx_a, ones, *seg).to(pool_a.dtype) if need_pa else None
-    return dx, dpa, None, None, None
-
-
-torch.library.register_autograd("mos::sgmv_shrink", _shrink_backward, setup_context=_shrink_setup)
+# Autograd: sgmv_shrink's and sharded_lora's are C++ (csrc/sharded_lora.cpp); gather_shards' is here.
 
 
 def _gather_setup(ctx, inputs, output):

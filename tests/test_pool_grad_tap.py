@@ -180,6 +180,48 @@ def test_autograd_grad_only_inputs():
     assert pa.grad is None and pb.grad is None
 
 
+def _shrink_grads(tap, pool_dtype=torch.float32, mixed=False):
+    """L layers read pool_a through sgmv_shrink (and, mixed, every other layer through
+    sharded_lora too), all from one tap when `tap`. Returns (pa.grad, x grads, pool-sized ops)."""
+    pa, pb, tabs, xs, ws = setup(pool_dtype, pool_dtype, seed=7)
+    pa.requires_grad_()
+    xs = [x.requires_grad_() for x in xs]
+    taps = mos_ext.PoolGradTaps() if tap else None
+    a = taps(pa) if tap else pa
+    total = 0
+    for k, ((ia, ib), x, w) in enumerate(zip(tabs, xs, ws)):
+        v = ops.sgmv_shrink(x, a, ia, *SEG)
+        total = total + (v * w[:, :r].float()).sum()
+        if mixed and k % 2:
+            total = total + (ops.sharded_lora(x, a, pb, ia, ib, SCALE, *SEG).float() * w.float()).sum()
+    mode = PoolSized([pa.shape])
+    with mode:
+        total.backward()
+    return pa.grad, [x.grad for x in xs], mode.ops
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["shrink", "shrink+sharded_lora"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_sgmv_shrink_accumulates_into_the_tap(pool_dtype, mixed):
+    """sgmv_shrink consumers of a tapped pool add their pool gradients into the tap's one
+    accumulator, like sharded_lora's: one pool-sized buffer, no adds, one cast; the gradients
+    equal the untapped ones (x's bitwise: they do not go through the tap)."""
+    want_pa, want_x, untapped_ops = _shrink_grads(False, pool_dtype, mixed)
+    got_pa, got_x, tapped_ops = _shrink_grads(True, pool_dtype, mixed)
+    assert got_pa.dtype == pool_dtype and got_pa.shape == want_pa.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if pool_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    t = dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, want_pa.double().abs().max().item()))
+    torch.testing.assert_close(got_pa.double(), want_pa.double(), **t)
+    for a, b in zip(got_x, want_x):
+        assert torch.equal(a, b)
+    made = lambda ops_: sum(op in ("zeros", "new_zeros", "empty", "zero_", "fill_") for op in ops_)
+    assert made(untapped_ops) >= L, untapped_ops
+    assert made(tapped_ops) == 1, tapped_ops
+    assert sum(op in ("add", "add_") for op in tapped_ops) == 0, tapped_ops
+    casts = sum(op in ("_to_copy", "to", "copy_") for op in tapped_ops)
+    assert casts == (0 if pool_dtype == torch.float32 else 1), tapped_ops
+
+
 # ----------------------------------------------------------------------------
 # deterministic pool gradients
 
@@ -213,6 +255,36 @@ def test_deterministic_grads_selectable(how):
     got, want = _pool_b_grad(**kw[how])
     assert torch.equal(got, want[True])
     got, want = _pool_b_grad(False)
+    assert torch.equal(got, want[False])
+
+
+def _shrink_pool_grad(det_setting, flip_before_backward=False):
+    pa, pb, tabs, xs, ws = setup(seed=5)
+    pa.requires_grad_()
+    ia, _ = tabs[0]
+    u = ws[0][:, :r].float()
+    mos_ext.set_deterministic_grads(det_setting)
+    try:
+        v = ops.sgmv_shrink(xs[0], pa, ia, *SEG)
+        if flip_before_backward:
+            mos_ext.set_deterministic_grads(False)
+        v.backward(u)
+    finally:
+        mos_ext.set_deterministic_grads(False)
+    ones = torch.ones(1)
+    want = {det: ops.shard_grad(torch.zeros(pa.shape), u, xs[0], ia, ones, *SEG, deterministic=det)
+            for det in (False, True)}
+    return pa.grad, want
+
+
+@pytest.mark.parametrize("how", ["flag", "flag at forward only"])
+def test_sgmv_shrink_deterministic_grads(how):
+    """sgmv_shrink's backward follows the setting, the one in effect at forward time included
+    (as sharded_lora's does)."""
+    mos_ext.set_cpu_dense_min_tokens(1)  # the non-deterministic CPU path is the BLAS one
+    got, want = _shrink_pool_grad(True, flip_before_backward=how != "flag")
+    assert torch.equal(got, want[True])
+    got, want = _shrink_pool_grad(False)
     assert torch.equal(got, want[False])
 
 
