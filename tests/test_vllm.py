@@ -305,6 +305,41 @@ print("ok")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
+def test_failed_collective_call_leaves_no_answer_queued():
+    """TP > 1: vLLM's MultiprocExecutor.collective_rpc raises at the first rank whose answer is a failure and
+    leaves the later ranks' answers queued; the plugin reads them before the error goes on, so the next call
+    gets its own answers (without it: the next load is refused with the previous one's message). Fake
+    response queues, no workers."""
+    code = r"""
+import collections
+import mos_ext.integrations.vllm as P
+P.register()
+from vllm.v1.executor.multiproc_executor import MultiprocExecutor as E, WorkerProc
+assert getattr(E.collective_rpc, "__mos_ext_patched__", False)
+S, F = WorkerProc.ResponseStatus.SUCCESS, WorkerProc.ResponseStatus.FAILURE
+class MQ:
+    def __init__(self, items): self.items = list(items)
+    def enqueue(self, x): pass
+    def dequeue(self, timeout=None, indefinite=False): return self.items.pop(0)
+ex = E.__new__(E)
+ex.rpc_broadcast_mq, ex.is_failed, ex.futures_queue = MQ([]), False, collections.deque()
+mqs = [MQ([(F, "refused bad"), (S, "ok 0")]), MQ([(F, "refused bad"), (S, "ok 1")])]
+ex.response_mqs = mqs
+try:
+    ex.collective_rpc("add_lora"); raise SystemExit("no error")
+except RuntimeError as e:
+    assert "refused bad" in str(e), e
+assert ex.response_mqs is mqs and len(mqs[1].items) == 1
+assert ex.collective_rpc("add_lora") == ["ok 0", "ok 1"]
+mqs[0].items = [(S, "x")]
+assert ex.collective_rpc("execute_model", unique_reply_rank=0) == "x"  # one rank's answer: vLLM's path
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
 def _readme_vllm_blocks():
     """The fenced code blocks of the README's "Serving with vLLM" section, in order."""
     import re
