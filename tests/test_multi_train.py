@@ -160,16 +160,23 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and mos_ext.cuda_buil
 KINDS16 = {f"{k}_{i}": dict(v, seed=10 * i + v["seed"]) for i in range(4) for k, v in KINDS.items()}
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_sixteen_tenants_equal_alone(device, dtype, rtol):
+def test_sixteen_tenants_equal_alone(device, dtype):
     """16 tenants of the 4 kinds in every step (on the GPU when there is one: the CUDA kernels of the
     joint step, one sharded_lora per layer over 16 stacked tenants, and its shard_grad): each tenant's
-    pools after 2 joint steps equal training it alone on the same device."""
-    if device == "cpu" and dtype == torch.float32:
-        pytest.skip("the fp32 bar on the CPU is test_joint_steps_equal_each_tenant_alone's")
+    pools after 2 joint steps equal training it alone on the same device.
+
+    fp64: to 1e-10 relative. fp32: "to rounding", measured rather than guessed: over all tenants'
+    pools, the joint fp32 run's largest relative distance from the exact (fp64) result is at most twice
+    the tenant-alone fp32 run's. A flat tolerance says little here: AdamW's first steps divide by
+    |grad|, so near-zero gradients turn fp32 rounding into ~1e-4 relative on some pool rows, and on the
+    GPU the base's cuBLAS matmuls pick other kernels for 34 rows than for 2 (the first H200 run,
+    2026-12-04, measured 2.65e-5 relative on one pool against a flat 2e-5, fp64 passing at 1e-10).
+    On this machine (CPU): joint 1.5e-4, alone 2.4e-4."""
     pm = build(dtype, kinds=KINDS16, device=device)
     ref = copy.deepcopy(pm)
+    exact = build(torch.float64, kinds=KINDS16, device=device) if dtype == torch.float32 else None
     joint = JointTraining(pm)
     for n in KINDS16:
         joint.add_tenant(n, SETTINGS[n.rsplit("_", 1)[0]])
@@ -179,11 +186,24 @@ def test_sixteen_tenants_equal_alone(device, dtype, rtol):
         losses = joint.train_step(ids, labels=labels, adapter_names=who)
         assert set(losses) == set(KINDS16) and all(math.isfinite(v) for v in losses.values())
         order = order[::-1]
+    err_joint = err_alone = 0.0
     for n in KINDS16:
         got = pools(pm, n)
         assert all(t.device.type == device for t in got.values())
-        alone = train_alone(copy.deepcopy(ref), n, SETTINGS[n.rsplit("_", 1)[0]], range(2), device=device)
-        assert_pools_close(got, alone, rtol, f"{device} {dtype} {n}")
+        settings = SETTINGS[n.rsplit("_", 1)[0]]
+        alone = train_alone(copy.deepcopy(ref), n, settings, range(2), device=device)
+        if exact is None:
+            assert_pools_close(got, alone, 1e-10, f"{device} {dtype} {n}")
+            continue
+        want = train_alone(copy.deepcopy(exact), n, settings, range(2), device=device)
+        for k in want:
+            scale = want[k].abs().max().item()
+            err_joint = max(err_joint, (got[k].double() - want[k]).abs().max().item() / scale)
+            err_alone = max(err_alone, (alone[k].double() - want[k]).abs().max().item() / scale)
+    if exact is not None:
+        print(f"{device} fp32, largest relative error against fp64: joint {err_joint:.3e}, alone {err_alone:.3e}")
+        assert 0 < err_alone < 1e-2, "the fp32 run must differ from fp64 by rounding, and only by rounding"
+        assert err_joint <= 2 * err_alone, f"joint fp32 {err_joint:.3e} vs alone fp32 {err_alone:.3e}"
 
 
 def test_batch_mates_do_not_matter():
