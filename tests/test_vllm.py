@@ -185,6 +185,7 @@ def test_bad_adapter_is_a_4xx_naming_the_problem(world, expected, kind, words):
     msg = body["error"]["message"]
     for w in words:
         assert w in msg, msg
+    assert "lora_int_id" not in msg, msg  # the worker's id tag is the API server's, not the user's
     # the server keeps serving everyone else, exactly (tenants evicted for room come back)
     for name in ["base", "alice", "bob", "carol"]:
         assert complete(c, name, PROMPTS[0]) == expected[(name, 0)], name

@@ -425,7 +425,7 @@ def load_under_fire(srv, tenants, expected, prompts, bad, *, n_new, requests, co
                     rep["refusals"].setdefault(label, []).append(st)
                 if not 400 <= st < 500:
                     problem(f"bad adapter {label}: HTTP {st} (want 4xx): {msg[:300]}")
-                elif not all(w in msg for w in words):
+                elif not all(w in msg for w in words) or "lora_int_id" in msg:
                     problem(f"bad adapter {label}: HTTP {st}, message lacks {words}: {msg[:300]}")
                 if rounds == 0:
                     rep.setdefault("refusal_messages", {})[label] = f"{st}: {msg[:400]}"

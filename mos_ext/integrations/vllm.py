@@ -57,6 +57,7 @@ packs ``gate/up_proj``).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -73,6 +74,7 @@ from .vllm_points import CHECKED, SERVED_CLASSES, SUPPORTED, supported
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
 ERROR_PREFIX = "mos_ext refused adapter"
 SHELL_MODULE = "__mos_ext_store__"
+ID_TAG = " [lora_int_id={}]"  # appended to a worker's refusal, stripped by the API server
 
 _patched = False
 _patch_lock = threading.Lock()
@@ -415,8 +417,13 @@ def _patch_worker():
         if not is_mos_readable(path):
             return orig_load(self, lora_request)
         rt = _runtime(self._adapter_manager)
-        rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
-                       replace=bool(getattr(lora_request, "load_inplace", False)))
+        try:
+            rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
+                           replace=bool(getattr(lora_request, "load_inplace", False)))
+        except MoSAdapterError as e:
+            # the id lets the API server undo the load on ranks that took it (at TP > 1 a refusal for
+            # room can differ by rank); the API server strips it from the message
+            raise MoSAdapterError(f"{e}{ID_TAG.format(lora_request.lora_int_id)}") from None
         # a LoRAModel without weights for any module (vLLM wants one entry; its name matches no
         # module): vLLM's slots stay zero, the math runs from the store
         marker = LoRALayerWeights(SHELL_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1))
@@ -494,6 +501,16 @@ def _patch_api_server():
             msg = msg[msg.index(ERROR_PREFIX):]
             cut = msg.find("', please check the stack trace")  # vLLM's wrapping of worker errors
             msg = msg[:cut] if cut > 0 else msg
+            tag = re.search(ID_TAG.replace("[", r"\[").replace("]", r"\]").format(r"(\d+)"), msg)
+            if tag is not None:
+                msg = msg[:tag.start()] + msg[tag.end():]
+                lora_id = int(tag.group(1))
+                remove = getattr(self.engine_client, "remove_lora", None)
+                if remove is not None and lora_id not in {r.lora_int_id for r in self.lora_requests.values()}:
+                    try:  # a new adapter refused on some rank: every rank that took it frees it
+                        await remove(lora_id)
+                    except Exception:  # noqa: BLE001 - the refusal is the answer either way
+                        pass
             return create_error_response(message=msg, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
         return out
 
