@@ -273,9 +273,7 @@ def run_all(a, base_dir, dirs_by_mode, py, work):
 
 def main():
     a = parse()
-    py = U.vllm_python()
-    if py is None:
-        sys.exit("no vLLM environment: set MOS_EXT_VLLM_PYTHON to a python with vllm and mos_ext (see .ci/run)")
+    py = U.bench_vllm_python()
     work = a.workdir or tempfile.mkdtemp(prefix="bench_vllm_")
     os.makedirs(work, exist_ok=True)
     cfg, base_dir, mos, lora = make_adapters(a, work)

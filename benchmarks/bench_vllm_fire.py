@@ -57,9 +57,7 @@ def parse():
 
 def main():
     a = parse()
-    py = U.vllm_python()
-    if py is None:
-        sys.exit("no vLLM environment: set MOS_EXT_VLLM_PYTHON to a python with vllm and mos_ext (see .ci/run)")
+    py = U.bench_vllm_python()
     from mos_ext import MoSConfig
 
     work = a.workdir or tempfile.mkdtemp(prefix="bench_vllm_fire_")

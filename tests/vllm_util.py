@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import signal
 import socket
 import subprocess
@@ -26,6 +27,14 @@ def vllm_python():
         return env
     p = "/work/venv-vllm/bin/python"
     return p if os.path.isfile(p) and os.access(p, os.X_OK) else None
+
+
+def bench_vllm_python():
+    """vllm_python() for the benchmarks: exits with what to set when there is no vLLM environment."""
+    py = vllm_python()
+    if py is None:
+        sys.exit("no vLLM environment: set MOS_EXT_VLLM_PYTHON to a python with vllm and mos_ext (see .ci/run)")
+    return py
 
 
 def llama_config(hidden=256, layers=4, inter=512, vocab=512, heads=4, kv_heads=2):
