@@ -5,8 +5,8 @@
 #   2. build in place with MOS_EXT_CUDA=1 (setup.py fails loudly without a CUDA toolchain)
 #      and assert that the CUDA kernels of every op are really registered;
 #   3. pytest tests/test_cuda.py (+ the host-side GPU tests);
-#   4. compute-sanitizer memcheck and racecheck on tools/gpu_paths.py (every kernel path once);
 #   3b. tests/test_multi_train.py's 16-tenant joint training on CUDA (== each tenant alone);
+#   4. compute-sanitizer memcheck and racecheck on tools/gpu_paths.py (every kernel path once);
 #   5. benchmarks/bench_cuda.py (ceilings, every case and baseline, targets);
 #   6. benchmarks/bench_multi_train.py --device cuda --quick (joint vs one-by-one tenants).
 # Nothing is installed: it uses the torch, pytest, ninja found on the machine. Every step has

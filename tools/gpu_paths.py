@@ -14,7 +14,7 @@ non-monotone segments). Each output is checked against the CPU ops, so the scrip
 fails on a wrong result. Exits 0 when all ran and agreed.
 
     python tools/gpu_paths.py --dry-run   # no GPU: the same problems and calls on the CPU ops
-                                          # (checks the script itself; tests/test_cuda_host.py)
+                                          # (checks the script itself; tests/test_bench_cuda.py)
 """
 from __future__ import annotations
 
