@@ -20,9 +20,6 @@ struct ExpandSmem {
   static constexpr int BM = SgmvCfg<AT>::BM, RB = SgmvCfg<AT>::RB, BN = SgmvCfg<AT>::BN;
   AT v[BM][RB];
   AT b[RB][BN];
-  // 1 where b[j][c] comes from a valid table entry: a skipped slot takes nothing
-  // from v[:, j], never v * 0 (Inf/NaN in v, or a non-finite scale, stay out).
-  unsigned char ok[RB][BN];
 };
 
 // y[it.n0 + nn, c0 + c] += sum_j (vscale * vsrc[nn * v_ld + j]) * B[j, c0 + c]
@@ -56,38 +53,36 @@ __device__ void expand_tile(XT* __restrict__ y, int64_t y_stride, const AT* vsrc
       const int jj = e / BN, cc = e % BN;
       const int64_t j = j0 + jj, cg = c0 + cc;
       AT val = AT(0);
-      unsigned char ok = 0;
       if (j < r && cg < o) {
         const int64_t i = cg / s;
         const int32_t p = tab[j * l + i];
-        if (valid_row(p, B.P)) {
-          val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (cg - i * s)]);
-          ok = 1;
-        }
+        if (valid_row(p, B.P)) val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (cg - i * s)]);
       }
       sm.b[jj][cc] = val;
-      sm.ok[jj][cc] = ok;
     }
     __syncthreads();
-    // Skipped slots hold zero shards, so the plain products are exact unless a
-    // non-finite v (or scale) met one (Inf * 0 = NaN): only then redo the chunk skipping them.
-    AT part[Q];
+    AT prev[Q];
 #pragma unroll
-    for (int q = 0; q < Q; ++q) part[q] = AT(0);
+    for (int q = 0; q < Q; ++q) prev[q] = acc[q];
 #pragma unroll 4
     for (int jj = 0; jj < RB; ++jj) {
       const AT bv = sm.b[jj][c];
 #pragma unroll
-      for (int q = 0; q < Q; ++q) part[q] += sm.v[g + q * G][jj] * bv;
+      for (int q = 0; q < Q; ++q) acc[q] += sm.v[g + q * G][jj] * bv;
     }
+    // Skipped slots hold zero shards, so the plain products are exact (a finite sum is
+    // unchanged by the +-0 products) unless a non-finite v (or scale) met one (Inf * 0 =
+    // NaN): only then redo the chunk from `prev`, in the same order, skipping the slots the
+    // table skips.
+    if (c0 + c < o) {
+      const int64_t ic = (c0 + c) / s;
 #pragma unroll
-    for (int q = 0; q < Q; ++q) {
-      if (!isfinite(part[q])) {
-        part[q] = AT(0);
-        for (int jj = 0; jj < RB; ++jj)
-          if (sm.ok[jj][c]) part[q] += sm.v[g + q * G][jj] * sm.b[jj][c];
+      for (int q = 0; q < Q; ++q) {
+        if (isfinite(acc[q])) continue;
+        acc[q] = prev[q];
+        for (int jj = 0; jj < RB && j0 + jj < r; ++jj)
+          if (valid_row(tab[(j0 + jj) * l + ic], B.P)) acc[q] += sm.v[g + q * G][jj] * sm.b[jj][c];
       }
-      acc[q] += part[q];
     }
   }
 

@@ -27,9 +27,6 @@ struct ShrinkSmem {
   static constexpr int BM = SgmvCfg<AT>::BM, BK = SgmvCfg<AT>::BK, RA = SgmvCfg<AT>::RA;
   AT x[BM][BK + 1];  // +1: the two token rows a warp reads fall in different banks
   AT a[RA][BK + 1];  // +1: the 16 rank rows a warp reads fall in different banks
-  // 1 where a[j][k] comes from a valid table entry: a skipped slot adds nothing,
-  // never x * 0 (Inf/NaN in x under a skipped slot must not reach v).
-  unsigned char ok[RA][BK];
 };
 
 // vs[nn * ld + (j - jb)] = v[it.n0 + nn, j] for nn < BM, j in [jb, je) (rows
@@ -65,29 +62,26 @@ __device__ void shrink_tile(const XT* __restrict__ x, int64_t x_stride, const Si
         const int j = j0 + row;
         const int64_t kg = k0 + k;
         AT val = AT(0);
-        unsigned char ok = 0;
         if (j < je && kg < h) {
           const int64_t i = kg / s;
           const int32_t p = tab[static_cast<int64_t>(j) * l + i];
-          if (valid_row(p, A.P)) {
-            val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (kg - i * s)]);
-            ok = 1;
-          }
+          if (valid_row(p, A.P)) val = to_acc<AT>(pool[static_cast<int64_t>(p) * s + (kg - i * s)]);
         }
         sm.a[row][k] = val;
-        sm.ok[row][k] = ok;
       }
       __syncthreads();
       if (j0 + jj < je) {
-        // Skipped slots hold zero shards, so the plain dot product is exact unless a
-        // non-finite x met one (Inf * 0 = NaN): only then redo the chunk skipping them.
+        // Skipped slots hold zero shards, so the plain dot product is exact (a finite sum
+        // is unchanged by the +-0 products) unless a non-finite x met one (Inf * 0 = NaN):
+        // only then redo the chunk, in the same order, skipping the slots the table skips.
         AT sum = AT(0);
 #pragma unroll 8
         for (int k = 0; k < BK; ++k) sum += sm.x[nn][k] * sm.a[jj][k];
         if (!isfinite(sum)) {
+          const int32_t* trow = tab + static_cast<int64_t>(j0 + jj) * l;
           sum = AT(0);
-          for (int k = 0; k < BK; ++k)
-            if (sm.ok[jj][k]) sum += sm.x[nn][k] * sm.a[jj][k];
+          for (int k = 0; k < BK && k0 + k < h; ++k)
+            if (valid_row(trow[(k0 + k) / s], A.P)) sum += sm.x[nn][k] * sm.a[jj][k];
         }
         vs[nn * ld + (j0 + jj - jb)] += sum;
       }
