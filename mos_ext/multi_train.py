@@ -176,6 +176,7 @@ class JointTraining:
                                                     if isinstance(m, MoSLinear)]
         self.tenants: "Dict[str, _Tenant]" = {}
         self._fwd: Optional[_Forward] = None
+        # per tenant set, emptied whenever a tenant joins or leaves (_forget_stacks)
         self._tables: Dict[tuple, tuple] = {}  # (layer id, tenant names) -> (idx_a, idx_b)
         self._layout: Dict[tuple, _Stack] = {}  # (type, tenant names) -> stacking layout
         self._scale: Dict[tuple, torch.Tensor] = {}
@@ -223,6 +224,7 @@ class JointTraining:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, s.schedule) if s.schedule is not None else None
         drop = float(cfg.lora_dropout)
         self.tenants[name] = _Tenant(name, s, params, opt, sched, torch.Generator().manual_seed(int(s.seed)), drop)
+        self._forget_stacks()
 
     def remove_tenant(self, name: str, delete_adapter: bool = False) -> None:
         """Stop training ``name`` (its pools freeze; the others' optimizers are untouched). With
@@ -230,11 +232,17 @@ class JointTraining:
         if name not in self.tenants:
             raise UnknownAdapterError(f"{name!r} is not a tenant (tenants: {self.names})")
         del self.tenants[name]
-        self._tables = {k: v for k, v in self._tables.items() if name not in k[1]}
-        self._layout = {k: v for k, v in self._layout.items() if name not in k[1]}
+        self._forget_stacks()
         if delete_adapter:
             self.tuner.delete_adapter(name)
         self._set_trainable(self.names)
+
+    def _forget_stacks(self) -> None:
+        """The cached tables, layouts and scales belong to the old tenant set: drop them all (a cache
+        kept per past tenant set would hold every layer's tables on the device after each join)."""
+        self._tables.clear()
+        self._layout.clear()
+        self._scale.clear()
 
     def _set_trainable(self, names: List[str]) -> None:
         if names:
@@ -352,9 +360,7 @@ class JointTraining:
                 continue
             keep = 1.0 - t.dropout
             m = torch.empty((ix.numel(), xs.shape[1]), dtype=xs.dtype).bernoulli_(keep, generator=t.generator)
-            if out is xs:
-                out = xs.clone()
-            out = out.index_copy(0, ix, xs.index_select(0, ix) * (m.to(xs.device) / keep))
+            out = out.index_copy(0, ix, xs.index_select(0, ix) * (m.to(xs.device) / keep))  # out of place
         return out
 
     def layer_delta(self, layer: MoSLinear, x: torch.Tensor, act: torch.dtype) -> torch.Tensor:
