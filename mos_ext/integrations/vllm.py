@@ -437,18 +437,11 @@ def _patch_worker():
 
     orig_apply = BaseLinearLayerWithLoRA._apply_lora_to_output
 
-    def _add_store_delta(rt, self, x, output):
-        shape3 = output.shape if output.ndim == 3 else None
-        if x.ndim == 3 and output.ndim == 3:
-            output, x = output.flatten(0, 1), x.flatten(0, 1)
-        output = rt.apply(self, x, output)
-        return output.reshape(shape3) if shape3 is not None else output
-
     def _apply_lora_to_output(self, x, output):
         rt = getattr(self, "_mos_runtime", None)
         if rt is None:
             return orig_apply(self, x, output)
-        return _add_store_delta(rt, self, x, output)
+        return rt.apply(self, x, output)  # add_sgmv takes [..., in] / [..., out] as they come
 
     orig_async = BaseLinearLayerWithLoRA._apply_async_impl
 
@@ -457,7 +450,7 @@ def _patch_worker():
         # tenants), joined into the base output; the store's delta is added after the join
         out = orig_async(self, x, bias)
         rt = getattr(self, "_mos_runtime", None)
-        return out if rt is None else _add_store_delta(rt, self, x, out)
+        return out if rt is None else rt.apply(self, x, out)
 
     orig_remove = WorkerLoRAManager.remove_adapter
 
