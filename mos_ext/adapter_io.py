@@ -198,6 +198,17 @@ def read_adapter(src, adapter_name: str = "default", dims: Optional[Dict[str, Tu
     return spec
 
 
+def split_table(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """A table ``[..., l]`` into a pool of shard length ``s``, re-expressed for the same pool viewed as
+    ``[P * k, s / k]`` (no copy): entry ``p`` becomes ``p*k, ..., p*k + k - 1``, a skipped entry
+    (``< 0``) ``k`` entries ``-1``. Returns ``[..., l * k]`` in ``idx``'s dtype."""
+    if k == 1:
+        return idx
+    ids = idx.unsqueeze(-1) * k + torch.arange(k, dtype=idx.dtype, device=idx.device)
+    ids = torch.where(idx.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1))
+    return ids.reshape(*idx.shape[:-1], idx.shape[-1] * k)
+
+
 def check_dims(spec: AdapterSpec, dims: Dict[str, Tuple[int, int]]) -> None:
     """Refuse ``spec`` for a model whose layers (module path -> (in_features, out_features)) are
     missing or of other sizes than the adapter was saved for, naming both."""

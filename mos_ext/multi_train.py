@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .adapter_io import split_table
 from .batch import BatchMetadata, Segments
 from .layers import MoSLinear
 from .settings import deterministic_grads
@@ -130,13 +131,11 @@ class _Stack:
 def _expand_table(idx: torch.Tensor, k: int, off: int, r_max: int) -> torch.Tensor:
     """[r, l] table of a pool of shard length s -> [r_max, l*k] table of the stacked pool of shard length
     s/k: entry p -> off + p*k + j (j < k), -1 stays -1, rank rows padded with -1."""
-    idx = idx.to(torch.int64)
-    r, l = idx.shape
-    j = torch.arange(k, dtype=torch.int64)
-    e = torch.where(idx.unsqueeze(-1) >= 0, off + idx.unsqueeze(-1) * k + j, torch.full((), -1, dtype=torch.int64))
-    e = e.reshape(r, l * k)
+    e = split_table(idx.to(torch.int64), k)
+    e = torch.where(e >= 0, e + off, torch.full_like(e, -1))
+    r, lk = e.shape
     if r < r_max:
-        e = torch.cat([e, torch.full((r_max - r, l * k), -1, dtype=torch.int64)])
+        e = torch.cat([e, torch.full((r_max - r, lk), -1, dtype=torch.int64)])
     return e.to(torch.int32)
 
 

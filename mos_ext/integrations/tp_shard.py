@@ -27,7 +27,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..adapter_io import AdapterSpec, Side
+from ..adapter_io import AdapterSpec, Side, split_table
 
 __all__ = ["shard_spec", "share_rows"]
 
@@ -51,10 +51,7 @@ def _slice_side(sd: Side, start: int, length: int, cache: Dict) -> Side:
     if key not in cache:  # layers sharing a pool share its pieces (the store deduplicates by identity)
         cache[key] = (_pieces(sd.pool, g), sd.pool)  # keep the source alive: ids must not be reused
     pool = cache[key][0]
-    idx = sd.idx.long()
-    if k > 1:
-        ids = idx.unsqueeze(-1) * k + torch.arange(k, dtype=idx.dtype)
-        idx = torch.where(idx.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1)).reshape(idx.shape[0], l * k)
+    idx = split_table(sd.idx.long(), k)
     return Side(pool, idx[:, start // g:(start + length) // g].contiguous())
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from ..adapter_io import AdapterSpec
+from ..adapter_io import AdapterSpec, split_table
 from ..ops import validate_tables
 
 __all__ = ["StorePlan", "plan_adapter", "plan_layout"]
@@ -32,10 +32,7 @@ def _reshard(pool: torch.Tensor, idx: torch.Tensor, s_store: int):
         return pool, idx
     if s % s_store == 0:  # split every shard into k rows
         k = s // s_store
-        rows = pool.reshape(P * k, s_store)
-        ids = idx.unsqueeze(-1) * k + torch.arange(k, dtype=idx.dtype)
-        ids = torch.where(idx.unsqueeze(-1) >= 0, ids, torch.full_like(ids, -1))
-        return rows, ids.reshape(*lead, l * k)
+        return pool.reshape(P * k, s_store), split_table(idx, k)
     if s_store % s == 0:  # join m consecutive shards into one composite row (deduplicated)
         m = s_store // s
         if l % m:
