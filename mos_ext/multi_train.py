@@ -428,7 +428,11 @@ class JointTraining:
                 both = torch.cat([cnt, bad])
                 torch.distributed.all_reduce(both)
                 cnt, bad = both[:T], both[T:]
-        cnt_l, bad_l = cnt.tolist(), bad.tolist()
+        # every tenant's mean (a tenant without tokens divides by 1 and is left out below), read back
+        # with the counts and flags in one transfer rather than one per tenant
+        means = sums / cnt.clamp(min=1).to(sums.dtype) * world
+        host = torch.cat([cnt, bad, means.detach().to(torch.float64)]).tolist()
+        cnt_l, bad_l, mean_l = host[:T], host[T:2 * T], host[2 * T:]
         losses, tokens, skipped, total = {}, {}, [], None
         for i, n in enumerate(self.tenants):
             if cnt_l[i] == 0:
@@ -438,9 +442,8 @@ class JointTraining:
                 skipped.append(n)
                 losses[n] = float("nan")
                 continue
-            li = sums[i] / cnt_l[i] * world
-            losses[n] = float(li.detach())
-            total = li if total is None else total + li
+            losses[n] = mean_l[i]
+            total = means[i] if total is None else total + means[i]
         if total is None:  # no tenant with a finite loss: a zero that still reaches every pool (DDP)
             total = out.logits.sum() * 0
         self.last_tokens, self.last_skipped = tokens, skipped
@@ -453,19 +456,25 @@ class JointTraining:
         state unchanged, ``nonfinite_steps`` counted). Zeroes every tenant's gradients. Returns
         {tenant: "stepped" | "skipped (non-finite)"}."""
         done = {}
-        for n, t in self.tenants.items():
-            if n not in self.last_tokens:
-                continue
-            grads = [p.grad for p in t.params if p.grad is not None]
+        present = [(n, t) for n, t in self.tenants.items() if n in self.last_tokens]
+        norms = {}
+        for n, t in present:
             if n in self.last_skipped:
-                ok = False
+                continue
+            if t.settings.max_grad_norm is not None:
+                norms[n] = torch.nn.utils.clip_grad_norm_(t.params, t.settings.max_grad_norm)
             else:
-                if t.settings.max_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(t.params, t.settings.max_grad_norm)
-                else:
-                    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-                        if grads else torch.zeros(())
-                ok = bool(torch.isfinite(norm))
+                grads = [p.grad for p in t.params if p.grad is not None]
+                norms[n] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                    if grads else torch.zeros(())
+        # one read-back for every tenant's finiteness, not one per tenant
+        finite = {}
+        if norms:
+            dev = next(iter(norms.values())).device
+            flags = torch.stack([v.to(dev, torch.float64) for v in norms.values()]).isfinite().tolist()
+            finite = dict(zip(norms, flags))
+        for n, t in present:
+            ok = finite.get(n, False)
             if ok:
                 t.optimizer.step()
                 if t.scheduler is not None:
