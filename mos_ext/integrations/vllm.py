@@ -350,12 +350,14 @@ class _Runtime:
             max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
             slots=_env_int("MOS_EXT_VLLM_SLOTS", 8), dtype=dtype or cfg.lora_dtype or torch.float32,
             device=manager.device)
-        # layer attributes read by the patched _apply_lora_to_output
+        # layer attributes read by the patched _apply_lora_to_output: the store's pools and tables are
+        # allocated once and written in place, so each layer's sgmv slices are resolved here, not per call
+        st = self.store
         for name, entries in self.layer_slices.items():
             module = manager.modules[name]
             module._mos_runtime = self
-            module._mos_slices = [(path, self.store.layers[path], off, size) for path, off, size in entries
-                                  if path in self.store.layers]
+            module._mos_slices = [(st.pool_a[st.layers[path]], st.pool_b[st.layers[path]], st.idx_a[path],
+                                   st.idx_b[path], off, size) for path, off, size in entries if path in st.layers]
         tp = max((int(getattr(manager.modules[n], "tp_size", 1)) for n in self.layer_slices), default=1)
         rank = max((int(getattr(manager.modules[n], "tp_rank", 0)) for n in self.layer_slices), default=0)
         self.tenants = _Tenants(self.store, cfg.max_loras,
@@ -383,9 +385,7 @@ class _Runtime:
 
     def apply(self, module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         st = self.store
-        slices = [(st.pool_a[key], st.pool_b[key], st.idx_a[path], st.idx_b[path], off, size)
-                  for path, key, off, size in module._mos_slices]
-        return add_sgmv(output, x, slices, st.scale, self.seg, st.dtype)
+        return add_sgmv(output, x, module._mos_slices, st.scale, self.seg, st.dtype)
 
 
 def _log():
