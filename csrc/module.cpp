@@ -36,8 +36,7 @@ PYBIND11_MODULE(_C, m) {
         "Per-call value checks of index tensors on GPUs (off by default); returns the previous setting.");
   m.def("device_index_checks_enabled", &mos::device_index_checks_enabled);
   m.def("set_deterministic_grads", &mos::set_deterministic_grads, py::arg("enabled"),
-        "Deterministic pool gradients in sharded_lora's backward; returns the previous setting.");
-  m.def("deterministic_grads_flag", &mos::deterministic_grads_flag);
+        "Deterministic pool gradients in the backward of sharded_lora and sgmv_shrink; returns the previous setting.");
   m.def("deterministic_grads_enabled", &mos::deterministic_grads_enabled);
   m.def("validate_index_values", &mos::validate_index_values, py::arg("idx"), py::arg("pool_rows"),
         py::arg("name"));
