@@ -171,8 +171,6 @@ class JointTraining:
         if not hasattr(self.tuner, "pool_bank") or self.tuner.pool_bank() is None:
             raise TypeError("JointTraining needs a PeftModel whose adapters are MoS adapters (mos_ext.MoSConfig)")
         self.bank = self.tuner.pool_bank()
-        self.layers: List[Tuple[str, MoSLinear]] = [(n, m) for n, m in peft_model.named_modules()
-                                                    if isinstance(m, MoSLinear)]
         self.tenants: "Dict[str, _Tenant]" = {}
         self._fwd: Optional[_Forward] = None
         # per tenant set, emptied whenever a tenant joins or leaves (_forget_stacks)
@@ -181,7 +179,12 @@ class JointTraining:
         self._scale: Dict[tuple, torch.Tensor] = {}
         self.last_tokens: Dict[str, int] = {}
         self.last_skipped: List[str] = []
-        for _, m in self.layers:
+        self._attach()
+
+    def _attach(self) -> None:
+        """Route every MoS layer of the model through this object (the hook MoSLinear calls)."""
+        self.layers: List[MoSLinear] = [m for _, m in self.tuner.mos_layers()]
+        for m in self.layers:
             m._mos_joint = self
 
     # ------------------------------------------------------------------ tenants
@@ -252,7 +255,7 @@ class JointTraining:
 
     def detach(self) -> None:
         """Give the model back its ordinary (one-adapter) forward."""
-        for _, m in self.layers:
+        for m in self.layers:
             m._mos_joint = None
 
     # ------------------------------------------------------------------ forward
@@ -543,9 +546,7 @@ class JointTraining:
         if name in self.tuner.peft_config:
             raise ValueError(f"adapter {name!r} is already in the model")
         self.model.load_adapter(directory, adapter_name=name, is_trainable=True)
-        self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoSLinear)]
-        for _, m in self.layers:
-            m._mos_joint = self
+        self._attach()  # the new adapter's layers may be new modules
         self.add_tenant(name, settings)
         path = os.path.join(directory, TENANT_STATE)
         if os.path.exists(path):
