@@ -156,6 +156,46 @@ std::string index_error(const at::Tensor& idx, int64_t P, const std::string& nam
          std::to_string(P) + " rows)";
 }
 
+bool has_map(const OptMap& map) { return map.has_value() && map->defined(); }
+
+// Message for the first row of a shared-table map that is out of range (see
+// validate_map_values), or "". CPU: one pass; other devices: one reduction and
+// a scalar sync, the row located on the host only when there is one.
+std::string map_error(const at::Tensor& map, const at::Tensor& idx, int64_t P, const std::string& name) {
+  const int64_t T = map.size(0), U = idx.size(0);
+  if (T == 0) return "";
+  const int64_t per = U == 0 ? 0 : idx.numel() / U;
+  // largest entry of every table (-1: no valid entry)
+  const at::Tensor top = per == 0 ? at::full({U}, -1, idx.options()) : idx.reshape({U, per}).amax(1);
+  if (!map.is_cpu()) {
+    const at::Tensor u = map.select(1, 0), base = map.select(1, 1);
+    const at::Tensor bad_u = at::logical_or(u.lt(0), u.ge(U));
+    const at::Tensor t_top = top.index_select(0, u.clamp(0, std::max<int64_t>(U - 1, 0)).to(at::kLong));
+    const at::Tensor bad = at::logical_or(at::logical_or(bad_u, base.lt(0)),
+                                          at::logical_or(base.gt(P), (base.to(at::kLong) + t_top.to(at::kLong)).ge(P)));
+    if (!bad.any().item<bool>()) return "";
+    return map_error(map.cpu(), idx.cpu(), P, name);
+  }
+  const at::Tensor m = map.contiguous(), tp = top.contiguous();
+  const int32_t* mp = m.data_ptr<int32_t>();
+  const int32_t* tq = tp.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t u = mp[2 * t], base = mp[2 * t + 1];
+    const std::string at_t = name + "[" + std::to_string(t) + "]";
+    if (u < 0 || u >= U)
+      return at_t + " names table " + std::to_string(u) + ", outside [0, " + std::to_string(U) +
+             ") (the tables' first dim)";
+    if (base < 0 || base > P)
+      return at_t + " has row base " + std::to_string(base) + ", outside [0, " + std::to_string(P) +
+             "] (the pool has " + std::to_string(P) + " rows)";
+    if (tq[u] >= 0 && base + tq[u] >= P)
+      return at_t + " has row base " + std::to_string(base) + " and table " + std::to_string(u) +
+             " names row " + std::to_string(tq[u]) + ": row " + std::to_string(base + tq[u]) +
+             " is outside the pool's " + std::to_string(P) + " rows";
+  }
+  return "";
+}
+
 // Per-call value check of an index table (see value_checks_apply).
 void check_index_values(const at::Tensor& idx, int64_t P, const char* name) {
   if (idx.numel() == 0 || !value_checks_apply(idx)) return;
@@ -278,12 +318,25 @@ void check_no_alias(const at::Tensor& out, const char* out_name, const at::Tenso
                     " that does not overlap ", in_name, " (e.g. a clone)");
 }
 
-// idx [T, r, l] against a feature dim `feat` = l * s of an activation and a pool [P, s].
+// idx [U, r, l] against a feature dim `feat` = l * s of an activation and a pool [P, s],
+// with an optional shared-table map [T, 2] (without one, T = U: table t is tenant t's).
 SideDims check_table(const at::Tensor& idx, const char* idx_name, const at::Tensor& pool,
-                     const char* pool_name, int64_t feat, const char* feat_name) {
+                     const char* pool_name, int64_t feat, const char* feat_name, const OptMap& map,
+                     const char* map_name) {
   check_int32(idx, idx_name, 3);
   SideDims d;
-  d.T = idx.size(0);
+  d.U = idx.size(0);
+  d.T = d.U;
+  if (has_map(map)) {
+    const at::Tensor& m = *map;
+    check_int32(m, map_name, 2);
+    TORCH_CHECK_VALUE(m.size(1) == 2, map_name, " must be [T, 2] (table, row base per tenant), got shape ",
+                      m.sizes());
+    same_device(m, map_name, idx, idx_name);
+    d.T = m.size(0);
+    TORCH_CHECK_VALUE(d.T == 0 || d.U >= 1, idx_name, " must hold at least one table when ", map_name,
+                      " names tenants, got shape ", idx.sizes());
+  }
   d.r = idx.size(1);
   d.l = idx.size(2);
   d.P = pool.size(0);
@@ -293,6 +346,10 @@ SideDims check_table(const at::Tensor& idx, const char* idx_name, const at::Tens
   TORCH_CHECK_VALUE(d.l * d.s == feat, feat_name, " = ", feat, " must equal ", idx_name,
                     ".size(2) * ", pool_name, ".size(1) = ", d.l, " * ", d.s, " (slots x shard length)");
   check_index_values(idx, d.P, idx_name);
+  if (has_map(map) && map->numel() > 0 && value_checks_apply(*map)) {
+    const std::string msg = map_error(*map, idx, d.P, map_name);
+    TORCH_CHECK_INDEX(msg.empty(), msg);
+  }
   return d;
 }
 
@@ -361,6 +418,18 @@ void validate_segment_values(const at::Tensor& seg_indptr, const at::Tensor& seg
   TORCH_CHECK_VALUE(msg.empty(), msg);
 }
 
+void validate_map_values(const at::Tensor& map, const at::Tensor& idx, int64_t P, const std::string& name) {
+  check_int32(map, name.c_str(), 2);
+  TORCH_CHECK_VALUE(map.size(1) == 2, name, " must be [T, 2] (table, row base per tenant), got shape ", map.sizes());
+  check_int32(idx, "idx", 3);
+  same_device(map, name.c_str(), idx, "idx");
+  TORCH_CHECK_VALUE(P >= 0, "pool_rows must be >= 0, got ", P);
+  const std::string msg = map_error(map, idx, P, name);
+  TORCH_CHECK_VALUE(msg.empty(), msg);
+}
+
+const int32_t* map_ptr(const OptMap& map) { return has_map(map) ? map->data_ptr<int32_t>() : nullptr; }
+
 at::ScalarType acc_dtype(at::ScalarType act) { return act == at::kDouble ? at::kDouble : at::kFloat; }
 
 SideDims check_gather_shards(const at::Tensor& pool, const at::Tensor& idx) {
@@ -385,25 +454,25 @@ SideDims check_gather_shards(const at::Tensor& pool, const at::Tensor& idx) {
 }
 
 SideDims check_shrink(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_a) {
   check_act(x, "x");
   check_pool(pool_a, "pool_a", x.scalar_type());
   same_device(pool_a, "pool_a", x, "x");
   same_device(idx_a, "idx_a", x, "x");
-  SideDims a = check_table(idx_a, "idx_a", pool_a, "pool_a", x.size(1), "x.size(1) (h)");
+  SideDims a = check_table(idx_a, "idx_a", pool_a, "pool_a", x.size(1), "x.size(1) (h)", map_a, "map_a");
   check_segments(seg_indptr, seg_tenant, x.size(0), a.T, x, "x");
   return a;
 }
 
 SideDims check_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
                       const at::Tensor& idx_b, const at::Tensor& scale,
-                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
+                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_b) {
   check_act(y, "y");
   check_pool(pool_b, "pool_b", y.scalar_type());
   same_device(pool_b, "pool_b", y, "y");
   same_device(idx_b, "idx_b", y, "y");
   same_device(v, "v", y, "y");
-  SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)");
+  SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)", map_b, "map_b");
   check_rank_space(v, "v", y.scalar_type(), "y", y.size(0), b.r);
   check_scale(scale, b.T, y, "y");
   check_no_self_overlap(y, "y");
@@ -417,7 +486,8 @@ std::pair<SideDims, SideDims> check_sgmv(const at::Tensor& y, const at::Tensor& 
                                          const at::Tensor& pool_a, const at::Tensor& pool_b,
                                          const at::Tensor& idx_a, const at::Tensor& idx_b,
                                          const at::Tensor& scale, const at::Tensor& seg_indptr,
-                                         const at::Tensor& seg_tenant) {
+                                         const at::Tensor& seg_tenant, const OptMap& map_a,
+                                         const OptMap& map_b) {
   check_act(x, "x");
   check_act(y, "y");
   TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), "y must have the dtype of x (",
@@ -431,11 +501,14 @@ std::pair<SideDims, SideDims> check_sgmv(const at::Tensor& y, const at::Tensor& 
   same_device(pool_b, "pool_b", x, "x");
   same_device(idx_a, "idx_a", x, "x");
   same_device(idx_b, "idx_b", x, "x");
-  SideDims a = check_table(idx_a, "idx_a", pool_a, "pool_a", x.size(1), "x.size(1) (h)");
-  SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)");
+  SideDims a = check_table(idx_a, "idx_a", pool_a, "pool_a", x.size(1), "x.size(1) (h)", map_a, "map_a");
+  SideDims b = check_table(idx_b, "idx_b", pool_b, "pool_b", y.size(1), "y.size(1) (o)", map_b, "map_b");
+  TORCH_CHECK_VALUE(has_map(map_a) == has_map(map_b), "map_a and map_b must be given together (shared tables on "
+                    "both sides) or not at all");
   TORCH_CHECK_VALUE(a.T == b.T && a.r == b.r,
                     "idx_a and idx_b must agree on tenants and rank ([T, r, *]), got shapes ",
-                    idx_a.sizes(), " and ", idx_b.sizes());
+                    idx_a.sizes(), " and ", idx_b.sizes(), has_map(map_a) ? " with maps of " : "",
+                    has_map(map_a) ? std::to_string(a.T) + " and " + std::to_string(b.T) + " tenants" : "");
   check_scale(scale, a.T, x, "x");
   check_no_self_overlap(y, "y");
   check_no_alias(y, "y", x, "x");
@@ -459,7 +532,7 @@ SideDims check_shard_grad(const at::Tensor& grad_pool, const at::Tensor& u, cons
   same_device(grad_pool, "grad_pool", x, "x");
   same_device(u, "u", x, "x");
   same_device(idx, "idx", x, "x");
-  SideDims d = check_table(idx, "idx", grad_pool, "grad_pool", x.size(1), "x.size(1)");
+  SideDims d = check_table(idx, "idx", grad_pool, "grad_pool", x.size(1), "x.size(1)", std::nullopt, "");
   check_rank_space(u, "u", x.scalar_type(), "x", x.size(0), d.r);
   check_scale(scale, d.T, x, "x");
   check_no_alias(grad_pool, "grad_pool", u, "u");

@@ -25,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace mos {
@@ -55,6 +56,11 @@ bool deterministic_grads_enabled();
 // GPU): every entry of idx in [-1, P). Raises ValueError naming `name` and the
 // first bad entry.
 void validate_index_values(const at::Tensor& idx, int64_t P, const std::string& name);
+// A shared-table map [T, 2] int32 (docs/OPS.md "Shared tables"): for every row
+// t, map[t, 0] in [0, U) names a table of idx [U, r, l] and map[t, 1] >= 0 is a
+// row base with base + (largest entry of that table) < P. Raises ValueError
+// naming `name`, the tenant and the problem.
+void validate_map_values(const at::Tensor& map, const at::Tensor& idx, int64_t P, const std::string& name);
 // seg_indptr [S+1] non-decreasing within [0, N], seg_tenant [S] in [-1, T).
 // Raises ValueError.
 void validate_segment_values(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N,
@@ -65,7 +71,8 @@ at::ScalarType acc_dtype(at::ScalarType act);
 
 // Sizes of one side (A or B) of a sharded adapter batch.
 struct SideDims {
-  int64_t T = 0;  // tenants
+  int64_t T = 0;  // tenants (map.size(0) with a shared-table map, else idx.size(0))
+  int64_t U = 0;  // tables (idx.size(0))
   int64_t r = 0;  // (padded) rank
   int64_t l = 0;  // slots per rank row
   int64_t s = 0;  // shard length
@@ -81,21 +88,27 @@ struct SegDims {
 // gather_shards(pool [P, s], idx [..., r, l]).
 SideDims check_gather_shards(const at::Tensor& pool, const at::Tensor& idx);
 
-// sgmv_shrink(x [N, h], pool_a, idx_a, seg_indptr, seg_tenant); h == l_a * s_a.
-SideDims check_shrink(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant);
+// An optional shared-table map of one side (std::nullopt or an undefined tensor: none).
+using OptMap = std::optional<at::Tensor>;
+// The map's data (nullptr without one), after the check_* below accepted it.
+const int32_t* map_ptr(const OptMap& map);
 
-// sgmv_expand(y [N, o], v [N, r], pool_b, idx_b, scale [T], ...); o == l_b * s_b.
+// sgmv_shrink(x [N, h], pool_a, idx_a, seg_indptr, seg_tenant, map_a); h == l_a * s_a.
+SideDims check_shrink(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
+                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_a = {});
+
+// sgmv_expand(y [N, o], v [N, r], pool_b, idx_b, scale [T], ..., map_b); o == l_b * s_b.
 SideDims check_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
                       const at::Tensor& idx_b, const at::Tensor& scale,
-                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant);
+                      const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_b = {});
 
-// sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, ...). Returns {A side, B side}.
+// sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, ..., map_a, map_b). Returns {A side, B side}.
 std::pair<SideDims, SideDims> check_sgmv(const at::Tensor& y, const at::Tensor& x,
                                          const at::Tensor& pool_a, const at::Tensor& pool_b,
                                          const at::Tensor& idx_a, const at::Tensor& idx_b,
                                          const at::Tensor& scale, const at::Tensor& seg_indptr,
-                                         const at::Tensor& seg_tenant);
+                                         const at::Tensor& seg_tenant, const OptMap& map_a = {},
+                                         const OptMap& map_b = {});
 
 // shard_grad(grad_pool [P, s] acc dtype, u [N, r] acc dtype, x [N, l*s], idx [T, r, l],
 //            scale [T], ...).

@@ -40,6 +40,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("deterministic_grads_enabled", &mos::deterministic_grads_enabled);
   m.def("validate_index_values", &mos::validate_index_values, py::arg("idx"), py::arg("pool_rows"),
         py::arg("name"));
+  m.def("validate_map_values", &mos::validate_map_values, py::arg("map"), py::arg("idx"), py::arg("pool_rows"),
+        py::arg("name"));
   m.def("validate_segment_values", &mos::validate_segment_values, py::arg("seg_indptr"), py::arg("seg_tenant"),
         py::arg("num_tokens"), py::arg("num_tenants"));
   m.def("pool_grad_tap", &mos::pool_grad_tap, py::arg("pool"));

@@ -10,20 +10,25 @@ TORCH_LIBRARY(mos, m) {
   // out[..., j, i*s:(i+1)*s] = pool[idx[..., j, i]]   (idx == -1 -> zeros)
   m.def("gather_shards(Tensor pool, Tensor idx) -> Tensor");
 
+  // Shared tables (optional map_a / map_b [T, 2] int32, row t = (table u, row base)):
+  // tenant t reads table idx[u] and its entries name rows base + idx[u, j, i] of the
+  // pool. Without a map, table t at base 0. docs/OPS.md has the whole contract.
+
   // v[n, j] = sum_i <x[n, i*s_a:(i+1)*s_a], pool_a[idx_a[t, j, i]]>   (fp32; fp64 for fp64 x)
   m.def(
       "sgmv_shrink(Tensor x, Tensor pool_a, Tensor idx_a, Tensor seg_indptr, "
-      "Tensor seg_tenant) -> Tensor");
+      "Tensor seg_tenant, Tensor? map_a=None) -> Tensor");
 
   // y[n, i*s_b:(i+1)*s_b] += scale[t] * sum_j v[n, j] * pool_b[idx_b[t, j, i]]
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor pool_b, Tensor idx_b, Tensor scale, "
-      "Tensor seg_indptr, Tensor seg_tenant) -> ()");
+      "Tensor seg_indptr, Tensor seg_tenant, Tensor? map_b=None) -> ()");
 
   // y += scale[t] * B_t (A_t x) per segment, shrink and expand fused.
   m.def(
       "sgmv(Tensor(a!) y, Tensor x, Tensor pool_a, Tensor pool_b, Tensor idx_a, "
-      "Tensor idx_b, Tensor scale, Tensor seg_indptr, Tensor seg_tenant) -> ()");
+      "Tensor idx_b, Tensor scale, Tensor seg_indptr, Tensor seg_tenant, "
+      "Tensor? map_a=None, Tensor? map_b=None) -> ()");
 
   // grad_pool[idx[t, j, i]] += scale[t] * sum_{n in segments of t} u[n, j] * x[n, i*s:(i+1)*s]
   m.def(

@@ -49,12 +49,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor call_shrink(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& idx,
-                       const at::Tensor& ip, const at::Tensor& tn) {
+                       const at::Tensor& ip, const at::Tensor& tn, const OptMap& map = std::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mos::sgmv_shrink", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&)>();
-  return op.call(x, pool, idx, ip, tn);
+                                         const at::Tensor&, const at::Tensor&, const OptMap&)>();
+  return op.call(x, pool, idx, ip, tn, map);
 }
 
 void call_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool, const at::Tensor& idx,
@@ -62,8 +62,8 @@ void call_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& poo
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mos::sgmv_expand", "")
                        .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(y, v, pool, idx, scale, ip, tn);
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptMap&)>();
+  op.call(y, v, pool, idx, scale, ip, tn, std::nullopt);
 }
 
 void call_shard_grad(const at::Tensor& g, const at::Tensor& u, const at::Tensor& x, const at::Tensor& idx,
@@ -297,7 +297,16 @@ std::tuple<at::Tensor, at::Tensor> sharded_lora_autograd(const at::Tensor& x, co
 }
 
 at::Tensor sgmv_shrink_autograd(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                                const at::Tensor& ip, const at::Tensor& tn) {
+                                const at::Tensor& ip, const at::Tensor& tn, const OptMap& map_a) {
+  if (map_a.has_value() && map_a->defined()) {
+    // Shared tables are a serving layout: pool gradients go through shard_grad, which
+    // takes per-tenant tables only (training builds those), so refuse rather than drop them.
+    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (x.requires_grad() || pool_a.requires_grad())),
+                      "sgmv_shrink with map_a (shared tables) is not differentiable; call it under "
+                      "torch.no_grad(), or give each tenant its own table (idx_a [T, r, l], no map) to train");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_shrink(x, pool_a, idx_a, ip, tn, map_a);
+  }
   return ShrinkFn::apply(x, pool_a, idx_a, ip, tn);
 }
 

@@ -30,6 +30,14 @@ What every op checks, and when (``csrc/checks.h``):
   Unchecked bad values never cause an out-of-bounds access: out-of-range
   entries are skipped like ``-1`` and segment bounds clamped.
 
+Shared tables (``docs/OPS.md``): ``sgmv``, ``sgmv_shrink`` and ``sgmv_expand`` take an
+optional map per side, ``map_a`` / ``map_b`` ``[T, 2]`` int32, row ``t`` = (table ``u``, row
+base). With a map the tables ``idx [U, r, l]`` are shared: tenant ``t`` reads ``idx[u]``, and
+its entry ``p >= 0`` names pool row ``base + p``; tenants trained from one recipe (equal
+tables) then cost one table in all, not one each. Map values are checked with the tables
+(``u`` in ``[0, U)``, ``0 <= base``, ``base + max entry < P``; :func:`validate_map`); unchecked
+bad rows leave that tenant nothing, never an out-of-bounds read.
+
 A ``-1`` entry is skipped, never multiplied as a zero shard: Inf/NaN in ``x``
 (or in the columns of ``v`` of a padded rank row) do not reach ``y`` through
 it, on the CPU and on CUDA alike.
@@ -45,7 +53,7 @@ import torch
 from . import _C  # noqa: F401  (registers the schemas and kernels)
 
 __all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "validate_tables",
-           "validate_segments", "pool_grad_tap", "PoolGradTaps"]
+           "validate_map", "validate_segments", "pool_grad_tap", "PoolGradTaps"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,32 +73,37 @@ def gather_shards(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.ops.mos.gather_shards(pool, idx)
 
 
-def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a=None) -> torch.Tensor:
     """``v[s:e] = x[s:e] @ A_t.T`` per segment (rows outside every segment or of ``-1`` tenants are 0).
 
     x: ``[N, h]``; pool_a: ``[P_a, s_a]``; idx_a: ``[T, r, l_a]``; returns ``v [N, r]``
-    in the accumulation dtype. Differentiable in ``x`` and ``pool_a``.
+    in the accumulation dtype. Differentiable in ``x`` and ``pool_a`` (without ``map_a``).
+    ``map_a`` ``[T, 2]`` int32: shared tables (module docstring); ``idx_a`` is then ``[U, r, l_a]``.
     """
-    return torch.ops.mos.sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant)
+    return torch.ops.mos.sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a)
 
 
-def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b=None) -> torch.Tensor:
     """``y[s:e] += scale[t] * v[s:e] @ B_t.T`` per segment, in place; returns ``y``.
 
     y: ``[N, o]``; v: ``[N, r]`` accumulation dtype; pool_b: ``[P_b, s_b]``; idx_b:
-    ``[T, r, l_b]``; scale: ``[T]`` fp32. Accumulates in fp32 (fp64) and rounds once.
+    ``[T, r, l_b]`` (``[U, r, l_b]`` with ``map_b [T, 2]``: shared tables); scale: ``[T]`` fp32.
+    Accumulates in fp32 (fp64) and rounds once.
     """
-    torch.ops.mos.sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant)
+    torch.ops.mos.sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b)
     return y
 
 
-def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a=None, map_b=None) -> torch.Tensor:
     """``y[s:e] += scale[t] * (x[s:e] @ A_t.T) @ B_t.T`` per segment, in place; returns ``y``.
 
     The serving op: many tenants' sharded adapters applied to one mixed batch,
-    shards read straight from the pools (no materialized ``A``/``B``).
+    shards read straight from the pools (no materialized ``A``/``B``). With shared
+    tables, ``map_a`` and ``map_b`` ``[T, 2]`` int32 (both or neither): tenant ``t``
+    reads table ``idx_a[map_a[t, 0]]`` with its entries offset by ``map_a[t, 1]`` pool rows
+    (likewise B); see the module docstring.
     """
-    torch.ops.mos.sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant)
+    torch.ops.mos.sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a, map_b)
     return y
 
 
@@ -139,6 +152,16 @@ def validate_tables(idx: torch.Tensor, pool_rows, name: str = "idx") -> torch.Te
         raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     _C.validate_index_values(idx, P, name)
     return idx
+
+
+def validate_map(map_: torch.Tensor, idx: torch.Tensor, pool_rows, name: str = "map") -> torch.Tensor:
+    """Check once that a shared-table map ``[T, 2]`` fits its tables ``idx [U, r, l]`` and a pool
+    of ``pool_rows`` rows: every row names a table in ``[0, U)`` and a base ``>= 0`` with
+    ``base + (the table's largest entry) < pool_rows``. Raises ``ValueError`` naming ``name``,
+    the tenant and the problem; returns ``map_``."""
+    P = int(pool_rows.shape[0]) if isinstance(pool_rows, torch.Tensor) else int(pool_rows)
+    _C.validate_map_values(map_, idx, P, name)
+    return map_
 
 
 def validate_segments(seg_indptr: torch.Tensor, seg_tenant: torch.Tensor, num_tokens: int, num_tenants: int) -> None:
@@ -241,17 +264,17 @@ def _gather_shards_fake(pool, idx):
 
 
 @torch.library.register_fake("mos::sgmv_shrink")
-def _sgmv_shrink_fake(x, pool_a, idx_a, seg_indptr, seg_tenant):
+def _sgmv_shrink_fake(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a=None):
     return x.new_empty((x.shape[0], idx_a.shape[1]), dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.register_fake("mos::sgmv_expand")
-def _sgmv_expand_fake(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant):
+def _sgmv_expand_fake(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b=None):
     return None
 
 
 @torch.library.register_fake("mos::sgmv")
-def _sgmv_fake(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant):
+def _sgmv_fake(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a=None, map_b=None):
     return None
 
 

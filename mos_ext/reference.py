@@ -10,12 +10,17 @@ every device do the same. Functions
 return new tensors (the in-place ops' results are returned instead of written)
 and are differentiable through ordinary autograd, so they also give reference
 gradients.
+
+Shared tables (``map_a`` / ``map_b`` ``[T, 2]`` int32, optional): tenant ``t`` reads table
+``idx[map[t, 0]]`` and its entries ``p >= 0`` name pool rows ``map[t, 1] + p``; without a map
+tenant ``t`` reads ``idx[t]`` as global rows (``docs/OPS.md``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "segments"]
+__all__ = ["gather_shards", "sgmv_shrink", "sgmv_expand", "sgmv", "shard_grad", "sharded_lora", "segments",
+           "tenant_table"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +41,16 @@ def gather_shards(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     shards = pool[idx.long().clamp(min=0)]  # [..., r, l, s]
     shards = torch.where((idx >= 0).unsqueeze(-1), shards, torch.zeros_like(shards))
     return shards.reshape(*idx.shape[:-1], idx.shape[-1] * s)
+
+
+def tenant_table(idx: torch.Tensor, map_: torch.Tensor, t: int) -> torch.Tensor:
+    """Tenant ``t``'s table ``[r, l]`` in global pool rows: ``idx[t]`` without a map; with one,
+    table ``map[t, 0]`` with every entry ``>= 0`` offset by the row base ``map[t, 1]``."""
+    if map_ is None:
+        return idx[t]
+    u, base = (int(v) for v in map_[t].tolist())
+    tab = idx[u]
+    return torch.where(tab >= 0, tab + base, tab)
 
 
 def _shards(pool, idx_t):
@@ -62,15 +77,15 @@ def _expand_t(v_seg, pool_b, idx_t):
     return torch.einsum("nij,jis->nis", vm, shards).reshape(-1, l * s)
 
 
-def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a=None) -> torch.Tensor:
     """``v[s:e] = x[s:e] @ A_t.T``; other rows zero. Returns ``[N, r]`` in the accumulation dtype."""
     v = torch.zeros(x.shape[0], idx_a.shape[1], dtype=torch.float64, device=x.device)
     for s, e, t in segments(seg_indptr, seg_tenant):
-        v[s:e] = _shrink_t(x[s:e], pool_a, idx_a[t])
+        v[s:e] = _shrink_t(x[s:e], pool_a, tenant_table(idx_a, map_a, t))
     return v.to(_acc_dtype(x.dtype))
 
 
-def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b=None) -> torch.Tensor:
     """New ``y`` with ``y[s:e] += (scale[t] * v[s:e]) @ B_t.T``.
 
     ``scale[t]`` multiplies ``v`` before the expand, as the kernels do: the same for finite
@@ -78,17 +93,17 @@ def sgmv_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant) -> torch.Ten
     empty sum stays nothing, never ``NaN * 0``)."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
-        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v[s:e].double(), pool_b, idx_b[t])
+        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v[s:e].double(), pool_b, tenant_table(idx_b, map_b, t))
     return out.to(y.dtype)
 
 
-def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant) -> torch.Tensor:
+def sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a=None, map_b=None) -> torch.Tensor:
     """New ``y`` with ``y[s:e] += (scale[t] * (x[s:e] @ A_t.T)) @ B_t.T`` (one rounding; the
     scale placed as in :func:`sgmv_expand`)."""
     out = y.double().clone()
     for s, e, t in segments(seg_indptr, seg_tenant):
-        v = _shrink_t(x[s:e], pool_a, idx_a[t])
-        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v, pool_b, idx_b[t])
+        v = _shrink_t(x[s:e], pool_a, tenant_table(idx_a, map_a, t))
+        out[s:e] = out[s:e] + _expand_t(scale[t].double() * v, pool_b, tenant_table(idx_b, map_b, t))
     return out.to(y.dtype)
 
 

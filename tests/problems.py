@@ -204,6 +204,60 @@ def make_problem(
     )
 
 
+@dataclasses.dataclass
+class SharedProblem:
+    """A problem in shared-table form (docs/OPS.md): ``U`` tables ``idx [U, r, l]`` of rows
+    relative to a tenant's base, ``map [T, 2]`` = (table, row base) per tenant, plus the same
+    problem with per-tenant tables of global rows (``flat``) that the map must reproduce."""
+    p: Problem
+    map_a: torch.Tensor
+    map_b: torch.Tensor
+    flat: Problem
+
+
+def make_shared_problem(*, U: int = 3, T: int = 7, N: int = 41, h: int = 64, o: int = 48, r: int = 8,
+                        l_a: int = 4, l_b: int = 2, S: int = 9, dtype=torch.float32, mixed_ranks: bool = True,
+                        seed: int = 0) -> SharedProblem:
+    """``T`` tenants share ``U`` tables (every table used, several tenants per table); each tenant's
+    window of rows starts at its own base (windows of two tenants may overlap, bases differ per
+    side); rank rows padded with ``-1`` in some tables; segments with empty and ``-1`` tenants."""
+    gen = torch.Generator().manual_seed(seed)
+    s_a, s_b = h // l_a, o // l_b
+
+    def side(l, s, scale_rows):
+        win = r * l + 2  # rows of one tenant's window (tables use distinct rows inside it)
+        tabs = torch.stack([torch.randperm(win, generator=gen)[: r * l].reshape(r, l) for _ in range(U)]).to(torch.int32)
+        if mixed_ranks:
+            for u in range(U):
+                k = int(torch.randint(0, r + 1, (1,), generator=gen))
+                if u % 2 == 0 and k < r:
+                    tabs[u, k:] = -1
+        bases = torch.randint(0, T * win // 2 + 1, (T,), generator=gen)
+        P = int(bases.max()) + win + 3
+        pool = torch.randn(P, s, generator=gen, dtype=torch.float64) / scale_rows
+        return tabs, bases, P, pool
+
+    which = torch.cat([torch.arange(U), torch.randint(0, U, (max(T - U, 0),), generator=gen)])[:T]
+    which = which[torch.randperm(T, generator=gen)].to(torch.int32)
+    tab_a, base_a, P_a, pool_a = side(l_a, s_a, max(h, 1) ** 0.5)
+    tab_b, base_b, P_b, pool_b = side(l_b, s_b, max(r, 1) ** 0.5)
+    map_a = torch.stack([which, base_a.to(torch.int32)], 1).contiguous()
+    map_b = torch.stack([which, base_b.to(torch.int32)], 1).contiguous()
+    x = torch.randn(N, h, generator=gen, dtype=torch.float64)
+    y = torch.randn(N, o, generator=gen, dtype=torch.float64)
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).to(torch.float32)
+    seg_indptr, seg_tenant = random_segments(N, T, S, gen)
+
+    def flatten(tabs, m):
+        out = tabs[m[:, 0].long()].clone()
+        return torch.where(out >= 0, out + m[:, 1].view(-1, 1, 1), out).to(torch.int32)
+
+    common = dict(x=x.to(dtype), y=y.to(dtype), pool_a=pool_a.to(dtype), pool_b=pool_b.to(dtype), scale=scale,
+                  seg_indptr=seg_indptr, seg_tenant=seg_tenant)
+    return SharedProblem(p=Problem(idx_a=tab_a, idx_b=tab_b, **common), map_a=map_a, map_b=map_b,
+                         flat=Problem(idx_a=flatten(tab_a, map_a), idx_b=flatten(tab_b, map_b), **common))
+
+
 # unit roundoff of the accumulation dtypes, for the sum-magnitude term of assert_close
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 SUM_ULPS = 8  # allowed accumulation error, in unit roundoffs of the sum of |terms|

@@ -63,8 +63,12 @@ inline void gather_rows(char* dst, const char* src, const int32_t* idx, int64_t 
   }
 }
 
-inline Side make_side(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d) {
+// The kernels' view of one side; `map` is the side's shared-table map (docs/OPS.md) or nullptr.
+inline Side make_side(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d,
+                      const int32_t* map = nullptr) {
   Side s;
+  s.map = map;
+  s.U = d.U;
   s.pool = pool.data_ptr();
   s.pool_dtype = to_dtype(pool.scalar_type());
   s.P = d.P;

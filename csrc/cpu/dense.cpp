@@ -59,22 +59,21 @@ int64_t set_dense_min_tokens(int64_t n) {
 }
 
 Plan plan_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T,
-                bool dense_ok, std::initializer_list<std::pair<const at::Tensor*, int64_t>> tables) {
+                bool dense_ok, std::initializer_list<const Side*> sides) {
   Plan plan;
   plan.blocks = build_items(seg_indptr, seg_tenant, N, T, &plan.dense, dense_ok ? dense_min_tokens() : 0);
-  if (plan.dense.empty() || tables.size() == 0) return plan;
+  if (plan.dense.empty() || sides.size() == 0) return plan;
   std::vector<int8_t> mixed(T, -1);  // per tenant: -1 unknown, 0 / 1
   std::vector<Item> keep;
   for (const Item& g : plan.dense) {
     if (mixed[g.t] < 0) {
       mixed[g.t] = 0;
-      for (const auto& tab : tables) {
-        const at::Tensor& idx = *tab.first;
-        const int64_t r = idx.size(1), l = idx.size(2);
-        const int32_t* p = idx.data_ptr<int32_t>() + g.t * r * l;
+      for (const Side* sd : sides) {
+        const TenantTable tt = tenant_table(*sd, g.t);
+        const int64_t r = sd->r, l = sd->l;
         for (int64_t j = 0; j < r && !mixed[g.t]; ++j) {
           int64_t ok = 0;
-          for (int64_t i = 0; i < l; ++i) ok += (p[j * l + i] >= 0 && p[j * l + i] < tab.second);
+          for (int64_t i = 0; i < l; ++i) ok += (tt.tab[j * l + i] >= 0 && tt.tab[j * l + i] < tt.P);
           if (ok != 0 && ok != l) mixed[g.t] = 1;
         }
       }
@@ -94,28 +93,34 @@ namespace {
 
 // Rank rows of tenant t whose entries are all valid (others are fully padded:
 // the plan sent tenants with mixed rows to the fused kernels).
-std::vector<int64_t> valid_rows(const at::Tensor& idx, const SideDims& d, int64_t t) {
-  const int32_t* p = idx.data_ptr<int32_t>() + t * d.r * d.l;
+std::vector<int64_t> valid_rows(const Side& d, int64_t t) {
+  const TenantTable tt = tenant_table(d, t);
   std::vector<int64_t> rows;
   for (int64_t j = 0; j < d.r; ++j) {
     bool ok = true;
-    for (int64_t i = 0; i < d.l && ok; ++i) ok = p[j * d.l + i] >= 0 && p[j * d.l + i] < d.P;
+    for (int64_t i = 0; i < d.l && ok; ++i) ok = tt.tab[j * d.l + i] >= 0 && tt.tab[j * d.l + i] < tt.P;
     if (ok) rows.push_back(j);
   }
   return rows;
 }
 
+// Rows [n, row_bytes] of tenant t's pool window (rows base + p for its entries p).
+void gather_window(char* dst, const at::Tensor& pool, const TenantTable& tt, const int32_t* ids, int64_t n,
+                   int64_t s) {
+  const int64_t row_bytes = s * pool.element_size();
+  gather_rows(dst, static_cast<const char*>(pool.data_ptr()) + tt.base * row_bytes, ids, n, tt.P, row_bytes);
+}
+
 // The given rank rows of tenant t's [r, l*s] matrix, in `dtype`.
-at::Tensor gather_some(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
-                       const std::vector<int64_t>& rows, at::ScalarType dtype) {
-  const int32_t* p = idx.data_ptr<int32_t>() + t * d.r * d.l;
+at::Tensor gather_some(const at::Tensor& pool, const Side& d, int64_t t, const std::vector<int64_t>& rows,
+                       at::ScalarType dtype) {
+  const TenantTable tt = tenant_table(d, t);
   std::vector<int32_t> ids;
   ids.reserve(rows.size() * d.l);
   for (int64_t j : rows)
-    for (int64_t i = 0; i < d.l; ++i) ids.push_back(p[j * d.l + i]);
+    for (int64_t i = 0; i < d.l; ++i) ids.push_back(tt.tab[j * d.l + i]);
   at::Tensor out = at::empty({static_cast<int64_t>(rows.size()), d.l * d.s}, pool.options());
-  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(pool.data_ptr()), ids.data(),
-              static_cast<int64_t>(ids.size()), d.P, d.s * pool.element_size());
+  gather_window(static_cast<char*>(out.data_ptr()), pool, tt, ids.data(), static_cast<int64_t>(ids.size()), d.s);
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
 
@@ -135,70 +140,65 @@ void add_scaled_mm(at::Tensor& ys, const at::Tensor& vs, const at::Tensor& B, fl
 
 }  // namespace
 
-at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
-                         at::ScalarType dtype) {
+at::Tensor gather_tenant(const at::Tensor& pool, const Side& d, int64_t t, at::ScalarType dtype) {
   at::Tensor out = at::empty({d.r, d.l * d.s}, pool.options());
-  gather_rows(static_cast<char*>(out.data_ptr()), static_cast<const char*>(pool.data_ptr()),
-              idx.data_ptr<int32_t>() + t * d.r * d.l, d.r * d.l, d.P, d.s * pool.element_size());
+  const TenantTable tt = tenant_table(d, t);
+  gather_window(static_cast<char*>(out.data_ptr()), pool, tt, tt.tab, d.r * d.l, d.s);
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
 
-void dense_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a,
-                  const at::Tensor& idx_a, const SideDims& a, const std::vector<Item>& segs) {
+void dense_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a, const Side& a,
+                  const std::vector<Item>& segs) {
   for (const Item& g : segs) {
-    const std::vector<int64_t> rows = valid_rows(idx_a, a, g.t);
+    const std::vector<int64_t> rows = valid_rows(a, g.t);
     if (rows.empty()) continue;  // v stays zero
     at::Tensor vs = v.narrow(0, g.n0, g.n1 - g.n0);
     const at::Tensor xs = x.narrow(0, g.n0, g.n1 - g.n0);
     if (static_cast<int64_t>(rows.size()) == a.r) {
-      at::mm_out(vs, xs, gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type()).t());
+      at::mm_out(vs, xs, gather_tenant(pool_a, a, g.t, x.scalar_type()).t());
     } else {  // padded rank rows: their columns of v stay zero, never x * 0
-      vs.index_copy_(1, as_index(rows), at::mm(xs, gather_some(pool_a, idx_a, a, g.t, rows, x.scalar_type()).t()));
+      vs.index_copy_(1, as_index(rows), at::mm(xs, gather_some(pool_a, a, g.t, rows, x.scalar_type()).t()));
     }
   }
 }
 
-void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
-                  const at::Tensor& idx_b, const at::Tensor& scale, const SideDims& b,
-                  const std::vector<Item>& segs) {
+void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const Side& b,
+                  const at::Tensor& scale, const std::vector<Item>& segs) {
   const float* sc = scale.data_ptr<float>();
   for (const Item& g : segs) {
-    const std::vector<int64_t> rows = valid_rows(idx_b, b, g.t);
+    const std::vector<int64_t> rows = valid_rows(b, g.t);
     if (rows.empty()) continue;
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
     const at::Tensor vs = v.narrow(0, g.n0, g.n1 - g.n0);
     // v is in the accumulation dtype, which is y's for the fp32/fp64 problems this path takes
     if (static_cast<int64_t>(rows.size()) == b.r)
-      add_scaled_mm(ys, vs, gather_tenant(pool_b, idx_b, b, g.t, y.scalar_type()), sc[g.t]);
+      add_scaled_mm(ys, vs, gather_tenant(pool_b, b, g.t, y.scalar_type()), sc[g.t]);
     else  // padded rank rows skipped: Inf/NaN in their columns of v never reach y
-      add_scaled_mm(ys, vs.index_select(1, as_index(rows)), gather_some(pool_b, idx_b, b, g.t, rows, y.scalar_type()),
+      add_scaled_mm(ys, vs.index_select(1, as_index(rows)), gather_some(pool_b, b, g.t, rows, y.scalar_type()),
                     sc[g.t]);
   }
 }
 
-void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a,
-                const at::Tensor& pool_b, const at::Tensor& idx_a, const at::Tensor& idx_b,
-                const at::Tensor& scale, const SideDims& a, const SideDims& b,
-                const std::vector<Item>& segs) {
+void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& pool_b,
+                const Side& a, const Side& b, const at::Tensor& scale, const std::vector<Item>& segs) {
   const float* sc = scale.data_ptr<float>();
   for (const Item& g : segs) {
-    const std::vector<int64_t> ra = valid_rows(idx_a, a, g.t), rb = valid_rows(idx_b, b, g.t);
+    const std::vector<int64_t> ra = valid_rows(a, g.t), rb = valid_rows(b, g.t);
     if (rb.empty()) continue;
     const at::Tensor xs = x.narrow(0, g.n0, g.n1 - g.n0);
     at::Tensor vs;
     if (static_cast<int64_t>(ra.size()) == a.r) {
-      vs = at::mm(xs, gather_tenant(pool_a, idx_a, a, g.t, x.scalar_type()).t());
+      vs = at::mm(xs, gather_tenant(pool_a, a, g.t, x.scalar_type()).t());
     } else {
       vs = at::zeros({g.n1 - g.n0, a.r}, x.options());
       if (!ra.empty())
-        vs.index_copy_(1, as_index(ra), at::mm(xs, gather_some(pool_a, idx_a, a, g.t, ra, x.scalar_type()).t()));
+        vs.index_copy_(1, as_index(ra), at::mm(xs, gather_some(pool_a, a, g.t, ra, x.scalar_type()).t()));
     }
     at::Tensor ys = y.narrow(0, g.n0, g.n1 - g.n0);
     if (static_cast<int64_t>(rb.size()) == b.r)
-      add_scaled_mm(ys, vs, gather_tenant(pool_b, idx_b, b, g.t, x.scalar_type()), sc[g.t]);
+      add_scaled_mm(ys, vs, gather_tenant(pool_b, b, g.t, x.scalar_type()), sc[g.t]);
     else
-      add_scaled_mm(ys, vs.index_select(1, as_index(rb)), gather_some(pool_b, idx_b, b, g.t, rb, x.scalar_type()),
-                    sc[g.t]);
+      add_scaled_mm(ys, vs.index_select(1, as_index(rb)), gather_some(pool_b, b, g.t, rb, x.scalar_type()), sc[g.t]);
   }
 }
 

@@ -43,28 +43,25 @@ struct Plan {
 // in x would leak through it. Fully padded rank rows are simply left out of
 // the GEMMs.
 Plan plan_items(const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, int64_t N, int64_t T,
-                bool dense_ok, std::initializer_list<std::pair<const at::Tensor*, int64_t>> tables = {});
+                bool dense_ok, std::initializer_list<const Side*> sides = {});
 
 // Whether activations of this dtype may take the BLAS path.
 inline bool dense_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
-// Tenant t's [r, l*s] matrix gathered from `pool` through its table rows, in
-// `dtype`; -1 and (with checks off) out-of-range entries give zero shards.
-at::Tensor gather_tenant(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, int64_t t,
-                         at::ScalarType dtype);
+// Tenant t's [r, l*s] matrix gathered from `pool` (the tensor behind d.pool) through its
+// table (tenant_table: shared tables included), in `dtype`; -1 and (with checks off)
+// out-of-range entries give zero shards.
+at::Tensor gather_tenant(const at::Tensor& pool, const Side& d, int64_t t, at::ScalarType dtype);
 
 // v[n0:n1] = x[n0:n1] @ A_t^T for every dense segment.
-void dense_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a,
-                  const at::Tensor& idx_a, const SideDims& a, const std::vector<Item>& segs);
-// y[n0:n1] += scale[t] * v[n0:n1] @ B_t for every dense segment.
-void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
-                  const at::Tensor& idx_b, const at::Tensor& scale, const SideDims& b,
+void dense_shrink(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a, const Side& a,
                   const std::vector<Item>& segs);
+// y[n0:n1] += scale[t] * v[n0:n1] @ B_t for every dense segment.
+void dense_expand(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const Side& b,
+                  const at::Tensor& scale, const std::vector<Item>& segs);
 // y[n0:n1] += scale[t] * (x[n0:n1] @ A_t^T) @ B_t.
-void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a,
-                const at::Tensor& pool_b, const at::Tensor& idx_a, const at::Tensor& idx_b,
-                const at::Tensor& scale, const SideDims& a, const SideDims& b,
-                const std::vector<Item>& segs);
+void dense_sgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& pool_b,
+                const Side& a, const Side& b, const at::Tensor& scale, const std::vector<Item>& segs);
 // grad[idx[t, j, i], :] += scale[t] * (u[n0:n1]^T @ x[n0:n1])[j, i*s:(i+1)*s].
 void dense_shard_grad(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& x,
                       const at::Tensor& idx, const at::Tensor& scale, const SideDims& d,

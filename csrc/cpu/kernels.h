@@ -25,14 +25,34 @@ struct Item {
   int32_t n0, n1, t;
 };
 
-// One side of a sharded adapter: pool [P, s] and table [T, r, l] (rank-major).
+// One side of a sharded adapter: pool [P, s] and tables idx [U, r, l] (rank-major).
+// Without a map, table t is tenant t's (U = T) and names pool rows directly. With a
+// shared-table map [T, 2] (row t = table u, row base), tenant t reads table u and
+// its entry p names pool row base + p (docs/OPS.md "Shared tables").
 struct Side {
   const void* pool = nullptr;
   DType pool_dtype = DType::F32;
   int64_t P = 0, s = 0, l = 0;
   const int32_t* idx = nullptr;
   int64_t r = 0;
+  const int32_t* map = nullptr;  // [T, 2] or nullptr
+  int64_t U = 0;                 // tables (idx's first dim)
 };
+
+// Tenant t's table in a side: entry p (of tab [r, l]) is used iff 0 <= p < P, and
+// then names pool row base + p. A map row naming no table or a base outside
+// [0, P] (possible with value checks off) leaves the tenant nothing (P = 0).
+struct TenantTable {
+  const int32_t* tab;
+  int64_t base, P;
+};
+inline TenantTable tenant_table(const Side& s, int64_t t) {
+  const int64_t per = s.r * s.l;
+  if (s.map == nullptr) return TenantTable{s.idx + t * per, 0, s.P};
+  const int64_t u = s.map[2 * t], base = s.map[2 * t + 1];
+  if (u < 0 || u >= s.U || base < 0 || base > s.P) return TenantTable{s.idx, 0, 0};
+  return TenantTable{s.idx + u * per, base, s.P - base};
+}
 
 // v[n, :] = shrink(x[n, :])                          (v: accumulation dtype)
 // y[n, :] += expand(v[n, :] * scale[t])

@@ -146,7 +146,8 @@ void shrink_block(const SgmvArgs& g, const Item& it, SgmvScratch<AT>& w) {
     to_acc(xbuf + nn * h, static_cast<const XT*>(g.x) + (it.n0 + nn) * g.x_stride, h);
   std::fill(xbuf + m * h, xbuf + mp * h, AT(0));
   std::fill(vblk, vblk + kTokBlock * r, AT(0));
-  const int32_t* tab = A.idx + static_cast<int64_t>(it.t) * r * A.l;
+  const TenantTable tt = tenant_table(A, it.t);
+  const int32_t* tab = tt.tab;
   for (int64_t i = 0; i < A.l; ++i) {
     for (int64_t j0 = 0; j0 < r; j0 += kRB) {
       const AT* rows[kRB];
@@ -155,9 +156,9 @@ void shrink_block(const SgmvArgs& g, const Item& it, SgmvScratch<AT>& w) {
       for (int64_t jj = 0; jj < kRB; ++jj) {
         const int64_t j = j0 + jj;
         const int32_t p = j < r ? tab[j * A.l + i] : -1;
-        valid[jj] = valid_row(p, A.P);
+        valid[jj] = valid_row(p, tt.P);
         if (valid[jj]) {
-          rows[jj] = shard_row<PT, AT>(A.pool, p, A.s, w.abuf.data() + jj * A.s);
+          rows[jj] = shard_row<PT, AT>(A.pool, tt.base + p, A.s, w.abuf.data() + jj * A.s);
           any = true;
         } else {
           rows[jj] = w.zero.data();
@@ -186,14 +187,15 @@ void expand_block(const SgmvArgs& g, const Item& it, SgmvScratch<AT>& w) {
   const int64_t r = B.r, s = B.s, m = it.n1 - it.n0;
   const int64_t mp = (m + kTB - 1) / kTB * kTB;
   const AT* vblk = w.vblk.data();
-  const int32_t* tab = B.idx + static_cast<int64_t>(it.t) * r * B.l;
+  const TenantTable tt = tenant_table(B, it.t);
+  const int32_t* tab = tt.tab;
   XT* y = static_cast<XT*>(g.y);
   for (int64_t i = 0; i < B.l; ++i) {
     int64_t nj = 0;
     for (int64_t j = 0; j < r; ++j) {
       const int32_t p = tab[j * B.l + i];
-      if (!valid_row(p, B.P)) continue;
-      w.bptr[nj] = shard_row<PT, AT>(B.pool, p, s, w.bbuf.data() + j * s);
+      if (!valid_row(p, tt.P)) continue;
+      w.bptr[nj] = shard_row<PT, AT>(B.pool, tt.base + p, s, w.bbuf.data() + j * s);
       w.jlist[nj++] = j;
     }
     if (nj == 0) continue;

@@ -17,20 +17,18 @@ void run_items(const std::vector<Item>& items,
 }
 
 // Unchecked halves over prepared items (arguments validated by the caller).
-void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a,
-                 const at::Tensor& idx_a, const SideDims& a, const std::vector<Item>& items) {
+void shrink_into(const at::Tensor& v, const at::Tensor& x, const Side& a, const std::vector<Item>& items) {
   SgmvArgs g;
   g.x = x.data_ptr();
   g.x_stride = x.stride(0);
   g.act = to_dtype(x.scalar_type());
   g.v = v.data_ptr();
   g.v_stride = v.stride(0);
-  g.a = make_side(pool_a, idx_a, a);
+  g.a = a;
   run_items(items, kernels().shrink, g);
 }
 
-void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
-                 const at::Tensor& idx_b, const at::Tensor& scale, const SideDims& b,
+void expand_from(const at::Tensor& y, const at::Tensor& v, const Side& b, const at::Tensor& scale,
                  const std::vector<Item>& items) {
   SgmvArgs g;
   g.y = y.data_ptr();
@@ -39,47 +37,51 @@ void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& poo
   g.v = const_cast<void*>(v.data_ptr());
   g.v_stride = v.stride(0);
   g.scale = scale.data_ptr<float>();
-  g.b = make_side(pool_b, idx_b, b);
+  g.b = b;
   run_items(items, kernels().expand, g);
 }
 
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                           const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
-  const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
-  at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
-  if (a.r == 0 || x.size(0) == 0) return v;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), a.T, dense_dtype(x.scalar_type()), {{&idx_a, a.P}});
-  dense_shrink(v, x, pool_a, idx_a, a, plan.dense);
-  shrink_into(v, x, pool_a, idx_a, a, plan.blocks);
+                           const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_a) {
+  const SideDims d = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a);
+  at::Tensor v = at::zeros({x.size(0), d.r}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (d.r == 0 || x.size(0) == 0) return v;
+  const Side a = make_side(pool_a, idx_a, d, map_ptr(map_a));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), d.T, dense_dtype(x.scalar_type()), {&a});
+  dense_shrink(v, x, pool_a, a, plan.dense);
+  shrink_into(v, x, a, plan.blocks);
   return v;
 }
 
 void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b,
                      const at::Tensor& idx_b, const at::Tensor& scale, const at::Tensor& seg_indptr,
-                     const at::Tensor& seg_tenant) {
-  const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
-  if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, y.size(0), b.T, dense_dtype(y.scalar_type()), {{&idx_b, b.P}});
-  dense_expand(y, v, pool_b, idx_b, scale, b, plan.dense);
-  expand_from(y, v, pool_b, idx_b, scale, b, plan.blocks);
+                     const at::Tensor& seg_tenant, const OptMap& map_b) {
+  const SideDims d = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b);
+  if (d.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
+  const Side b = make_side(pool_b, idx_b, d, map_ptr(map_b));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, y.size(0), d.T, dense_dtype(y.scalar_type()), {&b});
+  dense_expand(y, v, pool_b, b, scale, plan.dense);
+  expand_from(y, v, b, scale, plan.blocks);
 }
 
 void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a,
               const at::Tensor& pool_b, const at::Tensor& idx_a, const at::Tensor& idx_b,
-              const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
-  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
+              const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant,
+              const OptMap& map_a, const OptMap& map_b) {
+  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a, map_b);
   if (dims.first.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
-  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), dims.first.T, dense_dtype(x.scalar_type()),
-                               {{&idx_a, dims.first.P}, {&idx_b, dims.second.P}});
-  dense_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, dims.first, dims.second, plan.dense);
+  const Side a = make_side(pool_a, idx_a, dims.first, map_ptr(map_a));
+  const Side b = make_side(pool_b, idx_b, dims.second, map_ptr(map_b));
+  const Plan plan = plan_items(seg_indptr, seg_tenant, x.size(0), dims.first.T, dense_dtype(x.scalar_type()), {&a, &b});
+  dense_sgmv(y, x, pool_a, pool_b, a, b, scale, plan.dense);
   const std::vector<Item>& items = plan.blocks;
   if (items.empty()) return;
   if (pool_a.scalar_type() != pool_b.scalar_type()) {
     // Mixed storage (one pool fp32, the other in the activation dtype): the
     // fused kernel is instantiated for one pool dtype, so go through v [N, r].
     at::Tensor v = at::zeros({x.size(0), dims.first.r}, x.options().dtype(acc_dtype(x.scalar_type())));
-    shrink_into(v, x, pool_a, idx_a, dims.first, items);
-    expand_from(y, v, pool_b, idx_b, scale, dims.second, items);
+    shrink_into(v, x, a, items);
+    expand_from(y, v, b, scale, items);
     return;
   }
   SgmvArgs g;
@@ -89,8 +91,8 @@ void sgmv_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a
   g.y_stride = y.stride(0);
   g.act = to_dtype(x.scalar_type());
   g.scale = scale.data_ptr<float>();
-  g.a = make_side(pool_a, idx_a, dims.first);
-  g.b = make_side(pool_b, idx_b, dims.second);
+  g.a = a;
+  g.b = b;
   run_items(items, kernels().sgmv, g);
 }
 
