@@ -20,13 +20,13 @@ and the vLLM plugin, and the one place that applies ``sgmv`` over a layer's outp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import ops
 
-__all__ = ["Segments", "BatchMetadata", "build_segments", "single_segment", "add_sgmv"]
+__all__ = ["Segments", "BatchMetadata", "build_segments", "single_segment", "SgmvSlice", "add_sgmv"]
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,25 @@ def single_segment(num_tokens: int, device, tenant: int = 0) -> Segments:
     return seg
 
 
-SgmvSlice = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+class SgmvSlice(NamedTuple):
+    """One ``sgmv`` into columns ``[off, off + size)`` of a layer's output: pools, tables and,
+    for shared tables (``docs/OPS.md``), the per-tenant maps (``None``: one table per tenant)."""
+
+    pool_a: torch.Tensor
+    pool_b: torch.Tensor
+    idx_a: torch.Tensor
+    idx_b: torch.Tensor
+    off: int
+    size: int
+    map_a: Optional[torch.Tensor] = None
+    map_b: Optional[torch.Tensor] = None
 
 
 def add_sgmv(out: torch.Tensor, x: torch.Tensor, slices: Iterable[SgmvSlice], scale: torch.Tensor,
              seg: Optional[Segments], dtype: torch.dtype) -> torch.Tensor:
-    """``out[..., off:off+size] += sgmv(x; pool_a, pool_b, idx_a, idx_b, scale)`` for every slice
-    ``(pool_a, pool_b, idx_a, idx_b, off, size)``; returns the result (``out`` itself when written in place).
+    """``out[..., off:off+size] += sgmv(x; pool_a, pool_b, idx_a, idx_b, scale[, map_a, map_b])`` for
+    every slice (an :class:`SgmvSlice`, or a plain ``(pool_a, pool_b, idx_a, idx_b, off, size)``
+    tuple); returns the result (``out`` itself when written in place).
 
     ``x`` ``[..., in]`` and ``out`` ``[..., o]`` have one row per token of ``seg``. The adapters run in
     ``dtype`` (the pools'): ``x`` is cast to it; an ``out`` in another dtype (or not viewable as
@@ -147,9 +159,10 @@ def add_sgmv(out: torch.Tensor, x: torch.Tensor, slices: Iterable[SgmvSlice], sc
         y = torch.zeros(y.shape, dtype=dtype, device=y.device)
     ip, tn = seg.args()
     width = y.shape[1]
-    for pool_a, pool_b, idx_a, idx_b, off, size in slices:
+    for sl in slices:
+        pool_a, pool_b, idx_a, idx_b, off, size, map_a, map_b = sl if isinstance(sl, SgmvSlice) else SgmvSlice(*sl)
         view = y if (off == 0 and size == width) else y[:, off:off + size]
-        ops.sgmv(view, xs, pool_a, pool_b, idx_a, idx_b, scale, ip, tn)
+        ops.sgmv(view, xs, pool_a, pool_b, idx_a, idx_b, scale, ip, tn, map_a, map_b)
     if in_place:
         return out
     return out + y.reshape(out.shape).to(out.dtype)

@@ -285,10 +285,108 @@ def test_store_from_layer_dims_equals_store_from_model(adapters):
         assert torch.equal(a.idx_a[p], b.idx_a[p]) and torch.equal(a.idx_b[p], b.idx_b[p])
     for k in a.pool_a:
         assert torch.equal(a.pool_a[k], b.pool_a[k]) and torch.equal(a.pool_b[k], b.pool_b[k])
-    assert b.table_bytes_per_tenant() == sum(2 * 16 * 8 * 4 for _ in b.layers)
+    assert b.table_bytes() == sum(2 * 16 * 8 * 4 for _ in b.layers)
     with pytest.raises(ValueError, match="exceeds the store's max_rank"):
         make_store(None, layer_dims=dims, max_rank=2).read(adapters["lora"][0])
     with pytest.raises(ValueError, match="exactly one of model and layer_dims"):
         AdapterStore(model, layer_dims=dims, capacity_bytes=1 << 20)
     with pytest.raises(ValueError, match=r"layer_dims\['x'\]"):
         AdapterStore(layer_dims={"x": 5}, capacity_bytes=1 << 20)
+
+
+# ---------------------------------------------------------------- shared tables (docs/OPS.md)
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """Five tenants of one recipe (CONFIGS["mos_a"], same seed: equal tables), different weights,
+    plus each one's PeftModel served alone."""
+    out = []
+    for i in range(5):
+        m = mos_model(tiny(), "mos_a")
+        g = torch.Generator().manual_seed(500 + i)
+        with torch.no_grad():
+            for k, p in m.base_model.pools("default").items():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if k.startswith("mos_B_") else 0.3))
+        d = tmp_path_factory.mktemp(f"recipe{i}")
+        m.save_pretrained(str(d))
+        out.append((str(d), m.eval()))
+    return out
+
+
+def _check_all(store, recipe, names):
+    mt = MultiTenantModel(tiny(), store)
+    out = mt(input_ids=IDS[:len(names)], adapter_names=names).logits
+    for b, n in enumerate(names):
+        ref = tiny()(IDS[b:b + 1]).logits[0] if n is None else recipe[int(n[1:])][1](IDS[b:b + 1]).logits[0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {b} ({n})")
+
+
+def test_one_recipe_shares_one_table(recipe, adapters):
+    store = make_store(tiny(), max_tables=3)
+    for i, (d, _) in enumerate(recipe):
+        store.load(f"t{i}", d)
+    assert store.tables_in_use() == 1 and all(store.info(f"t{i}")["shared_table"] for i in range(5))
+    assert len({store.info(f"t{i}")["table_slot"] for i in range(5)}) == 1
+    # each tenant has its own run of rows: its map rows hold different bases, one table
+    bases = {tuple(int(store.map_a[k][store.slot(f"t{i}"), 1]) for k in store.type_dims) for i in range(5)}
+    assert len(bases) == 5
+    _check_all(store, recipe, ["t0", "t3", None, "t1", "t4", "t2"])
+    # every byte a tenant costs: pools + slot + a fifth of the one table
+    per = store.tenant_bytes("t0")
+    assert per == store.memory_bytes("t0") + store.slot_bytes() + store.table_bytes() / 5
+    # a tenant of another recipe takes a table of its own; plain LoRAs of one rank share theirs
+    store.load("lora", adapters["lora"][0])
+    assert store.tables_in_use() == 2
+    store.unload("lora")
+    assert store.tables_in_use() == 1
+    # the table goes when its last holder goes, and a reload takes it again
+    for i in range(5):
+        store.unload(f"t{i}")
+    assert store.tables_in_use() == 0 and all(bool((store.idx_a[p] == -1).all()) for p in store.layers)
+    assert all(bool((m == 0).all()) for m in store.map_a.values())  # free slots read the empty table 0
+    store.load("t2", recipe[2][0])
+    _check_all(store, recipe, ["t2", None])
+
+
+def test_fragmented_store_falls_back_to_a_table_of_its_own(recipe, adapters):
+    """With no free run long enough, a tenant takes rows from several runs and a table of its own
+    (global rows, base 0); it serves exactly as alone, and its batch mates are unaffected."""
+    probe = make_store(tiny())
+    probe.load("x", recipe[0][0])
+    store = make_store(tiny(), capacity_bytes=5 * probe.memory_bytes("x"), max_tables=4)
+    n = store.rows // 5
+    assert store.rows == 5 * n and set(probe.rows_needed(recipe[0][0]).values()) == {n}
+    for i in range(5):
+        store.load(f"t{i}", recipe[i][0])
+    for i in (0, 2, 4):
+        store.unload(f"t{i}")
+    assert all(r.runs == [[0, n], [2 * n, 3 * n], [4 * n, 5 * n]] for r in store._free.values())
+    assert set(store.rows_needed(adapters["lora"][0]).values()) == {3 * n}  # only 3 runs of n are free
+    store.load("lora", adapters["lora"][0])
+    assert not store.info("lora")["shared_table"] and store.info("t1")["shared_table"]
+    assert store.tables_in_use() == 2 and all(len(r) == 0 for r in store._free.values())
+    mt = MultiTenantModel(tiny(), store)
+    names = ["lora", "t1", None, "t3"]
+    out = mt(input_ids=IDS[:4], adapter_names=names).logits
+    for b, nm in enumerate(names):
+        ref = (tiny() if nm is None else adapters["lora"][1] if nm == "lora" else recipe[int(nm[1])][1])(IDS[b:b + 1])
+        torch.testing.assert_close(out[b], ref.logits[0], rtol=1e-5, atol=1e-5, msg=nm)
+    store.unload("lora")
+    store.unload("t1")
+    store.unload("t3")
+    assert all(r.runs == [[0, 5 * n]] for r in store._free.values()) and store.tables_in_use() == 0
+
+
+def test_max_tables_full_is_refused_and_changes_nothing(recipe, adapters):
+    store = make_store(tiny(), max_tables=1)
+    store.load("t0", recipe[0][0])
+    store.load("t1", recipe[1][0])  # same table: fits
+    snap = ({k: v.clone() for k, v in store.pool_a.items()}, store.free_rows(), store.names(),
+            {p: t.clone() for p, t in store.idx_a.items()}, {k: m.clone() for k, m in store.map_a.items()})
+    with pytest.raises(CapacityError, match=r"all 1 tables \(max_tables\)"):
+        store.load("lora", adapters["lora"][0])
+    assert store.names() == snap[2] and store.free_rows() == snap[1]
+    assert all(torch.equal(store.pool_a[k], v) for k, v in snap[0].items())
+    assert all(torch.equal(store.idx_a[p], t) for p, t in snap[3].items())
+    assert all(torch.equal(store.map_a[k], m) for k, m in snap[4].items())
+    _check_all(store, recipe, ["t1", "t0"])

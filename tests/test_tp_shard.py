@@ -77,9 +77,7 @@ def test_row_parallel_partial_sums_through_the_store():
             seg = build_segments([store.slot("t")] * 5, device="cpu")
             out = torch.zeros(5, dims[1], dtype=torch.float64)
             xi = x[:, 32 * k:32 * (k + 1)] if side == "A" else x
-            key = store.layers[path]
-            add_sgmv(out, xi.contiguous(), [(store.pool_a[key], store.pool_b[key], store.idx_a[path],
-                                             store.idx_b[path], 0, dims[1])], store.scale, seg, store.dtype)
+            add_sgmv(out, xi.contiguous(), [store.sgmv_slice(path)], store.scale, seg, store.dtype)
             (parts if side == "A" else cols).append(out)
     torch.testing.assert_close(sum(parts), want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(torch.cat(cols, 1), want, rtol=1e-10, atol=1e-10)

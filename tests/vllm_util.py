@@ -287,7 +287,8 @@ def store_lines(log_text, what=""):
     import re
 
     pat = re.compile(r"mos_ext store(?: \(TP rank (\d+)/\d+\))?: " + re.escape(what) + r"[^;]*; resident=(\d+) "
-                     r"used_bytes=(\d+) free_bytes=(\d+) pool_bytes=(\d+) evictions=(\d+) host_copies=(\d+)")
+                     r"used_bytes=(\d+) free_bytes=(\d+) pool_bytes=(\d+) tables=\d+ table_bytes=\d+ evictions=(\d+) "
+                     r"host_copies=(\d+)")
     return [(int(m.group(1) or 0),) + tuple(int(g) for g in m.groups()[1:]) for m in pat.finditer(log_text)]
 
 

@@ -40,7 +40,9 @@ may use at most 1/``--max-loras`` of every pool, so the adapters of any batch fi
 reload never fails. Settings (environment of the server):
 
 * ``MOS_EXT_VLLM_CAPACITY_MB`` pool bytes of the store (default 256)
-* ``MOS_EXT_VLLM_MAX_TENANTS`` tenants resident at once (table slots; default 256)
+* ``MOS_EXT_VLLM_MAX_TENANTS`` tenants resident at once (tenant slots; default 256)
+* ``MOS_EXT_VLLM_MAX_TABLES`` distinct index tables held at once (default: the tenant slots);
+  tenants with equal tables (one recipe and seed, or plain LoRAs of one rank) share one
 * ``MOS_EXT_VLLM_MAX_RANK`` largest adapter rank (default: vLLM's ``--max-lora-rank``)
 * ``MOS_EXT_VLLM_SLOTS`` shards per row of the store (default 8)
 
@@ -294,14 +296,16 @@ class _Tenants:
         used = st.memory_bytes()
         return dict(resident=len(st.names()), names=[self.paths[i][0] for i in self.lru if i in self.paths],
                     used_bytes=used, free_bytes=total - used, pool_bytes=total,
-                    table_bytes=st.table_bytes_per_tenant() * st.max_tenants, evictions=self.evictions,
+                    tables=st.tables_in_use(), table_bytes=st.tables_in_use() * st.table_bytes(),
+                    allocated_bytes=st.allocated_bytes(), evictions=self.evictions,
                     host_copies=len(self.plans))
 
     def log_stats(self, what: str) -> None:
         s = self.stats()
-        _log().info("mos_ext store%s: %s; resident=%d used_bytes=%d free_bytes=%d pool_bytes=%d evictions=%d "
-                    "host_copies=%d tenants=%s", self.where, what, s["resident"], s["used_bytes"], s["free_bytes"],
-                    s["pool_bytes"], s["evictions"], s["host_copies"], ",".join(s["names"]))
+        _log().info("mos_ext store%s: %s; resident=%d used_bytes=%d free_bytes=%d pool_bytes=%d tables=%d "
+                    "table_bytes=%d evictions=%d host_copies=%d tenants=%s", self.where, what, s["resident"],
+                    s["used_bytes"], s["free_bytes"], s["pool_bytes"], s["tables"], s["table_bytes"], s["evictions"],
+                    s["host_copies"], ",".join(s["names"]))
 
     def _check_share(self, plan, name: str, path: str) -> None:
         need = plan.rows_needed()
@@ -347,6 +351,7 @@ class _Runtime:
             target_modules=sorted({p.rsplit(".", 1)[-1] for p in layer_dims}),
             capacity_bytes=int(_env_float("MOS_EXT_VLLM_CAPACITY_MB", 256.0) * (1 << 20)),
             max_tenants=_env_int("MOS_EXT_VLLM_MAX_TENANTS", 256),
+            max_tables=_env_int("MOS_EXT_VLLM_MAX_TABLES", _env_int("MOS_EXT_VLLM_MAX_TENANTS", 256)),
             max_rank=_env_int("MOS_EXT_VLLM_MAX_RANK", int(cfg.max_lora_rank)),
             slots=_env_int("MOS_EXT_VLLM_SLOTS", 8), dtype=dtype or cfg.lora_dtype or torch.float32,
             device=manager.device)
@@ -356,8 +361,7 @@ class _Runtime:
         for name, entries in self.layer_slices.items():
             module = manager.modules[name]
             module._mos_runtime = self
-            module._mos_slices = [(st.pool_a[st.layers[path]], st.pool_b[st.layers[path]], st.idx_a[path],
-                                   st.idx_b[path], off, size) for path, off, size in entries if path in st.layers]
+            module._mos_slices = [st.sgmv_slice(path, off, size) for path, off, size in entries if path in st.layers]
         tp = max((int(getattr(manager.modules[n], "tp_size", 1)) for n in self.layer_slices), default=1)
         rank = max((int(getattr(manager.modules[n], "tp_rank", 0)) for n in self.layer_slices), default=0)
         self.tenants = _Tenants(self.store, cfg.max_loras,

@@ -35,9 +35,8 @@ class MultiTenantLinear(nn.Module):
         else:
             raise ValueError(f"{self._path}: expected [batch, seq, features] input, got {tuple(x.shape)}")
         st = self._store
-        sl = (st.pool_a[self._key], st.pool_b[self._key], st.idx_a[self._path], st.idx_b[self._path], 0,
-              self.out_features)
-        return add_sgmv(out, x, [sl], st.scale, ctx.segments(n_seq, seq_len, x.device), st.dtype)
+        return add_sgmv(out, x, [st.sgmv_slice(self._path)], st.scale, ctx.segments(n_seq, seq_len, x.device),
+                        st.dtype)
 
 
 class MultiTenantModel(nn.Module):

@@ -8,6 +8,7 @@ shards (MiSS's identity, MiSS mini's ``D``) are joined into composite rows, dedu
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
@@ -85,6 +86,17 @@ class StorePlan:
     @property
     def rank(self) -> int:
         return self.spec.rank
+
+    def table_key(self) -> bytes:
+        """Equal for two plans exactly when their tables (rows numbered from 0 within each
+        (type, side)) are equal on every layer: such tenants can share one table in a store."""
+        h = hashlib.sha256(repr(self.layout).encode())
+        for path in sorted(self.tables):
+            for t in self.tables[path]:
+                t = t.to(torch.int32).contiguous()
+                h.update(f"{path}:{tuple(t.shape)}".encode())
+                h.update(t.numpy().tobytes())
+        return h.digest()
 
     def rows_needed(self) -> Dict[Tuple[str, str], int]:
         """Store rows per (type key, side) that loading the plan takes."""
