@@ -8,13 +8,15 @@ outputs) on vLLM with the plugin off (``MOS_EXT_VLLM_PLUGIN=0``). Both servers g
 Measured: tokens/s and per-request latency p50/p99 over the OpenAI completions API (both servers
 up at once, the modes alternating, median of ``--repeats`` runs); device bytes
 per tenant (vLLM: the LoRA weights it holds per registered adapter, the exported safetensors size;
-MoS: the store's pool rows + the tenant's int32 tables, from an AdapterStore built like the plugin's);
-tenants resident in a fixed budget (budget // bytes per tenant); and whether base-model requests
+MoS: the store's pool rows + the tenant's slot (map rows, scale) + its share of the int32 tables, which
+tenants of one recipe share, from an AdapterStore built like the plugin's); tenants resident in a fixed
+budget; and whether base-model requests
 batched with adapter requests (every slot in use) still get the base model's greedy tokens.
 
     python benchmarks/bench_vllm.py                    # CPU; vLLM python from $MOS_EXT_VLLM_PYTHON
     python benchmarks/bench_vllm.py --tenants 8 --requests 32    # quick
     python benchmarks/bench_vllm.py --tp 2                       # both servers at --tensor-parallel-size 2
+    python benchmarks/bench_vllm.py --memory-only                # bytes per tenant only (no vLLM needed)
 
 At ``--tp N`` both servers run vLLM's tensor parallelism (N worker processes; on the CPU build their
 threads bound one core each, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``); vLLM's LoRA path splits its slots as
@@ -64,6 +66,9 @@ def parse():
     ap.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "vllm_cpu.png"))
     ap.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of both servers")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--memory-tenants", type=int, default=8, help="tenants of one recipe loaded for the byte count")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the bytes-per-tenant table (no servers, no vLLM environment needed)")
     a = ap.parse_args()
     try:
         a.tenant_counts = [int(t) for t in a.tenants.split(",") if t.strip()]
@@ -117,8 +122,11 @@ def make_adapters(a, work):
     return cfg, base_dir, mos, lora
 
 
-def memory(a, cfg, mos_dir, lora_dir):
-    """Bytes one tenant holds: MoS in an AdapterStore laid out as the plugin's; LoRA as vLLM holds it."""
+def memory(a, cfg, mos_dirs, lora_dir):
+    """Device bytes per tenant, every byte counted: MoS in an AdapterStore laid out as the plugin's
+    (``--memory-tenants`` tenants of one recipe loaded, ``max_tables=1``: they share one table); LoRA
+    as vLLM holds it (the exported rank-r weights). Tenants resident in the budget and bytes per tenant
+    there: MoS (budget - the store's tables) // (pool rows + slot), its tables shared by all of them."""
     from mos_ext.serving import AdapterStore
 
     h, inter = cfg.hidden_size, cfg.intermediate_size
@@ -127,25 +135,52 @@ def memory(a, cfg, mos_dir, lora_dir):
               "up_proj": (h, inter), "down_proj": (inter, h)}
     dims = {f"model.layers.{i}.{'self_attn' if t in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{t}": s
             for i in range(cfg.num_hidden_layers) for t, s in shapes.items()}
-    store = AdapterStore(layer_dims=dims, capacity_bytes=64 << 20, max_tenants=4, max_rank=a.rank, dtype=torch.float32)
-    store.load("mos", mos_dir)
-    store.load("lora", lora_dir)
-    tables = store.table_bytes_per_tenant()
+    k = len(mos_dirs)
+    store = AdapterStore(layer_dims=dims, capacity_bytes=(k + 2) * 4 << 20, max_tenants=k + 1, max_tables=1,
+                         max_rank=a.rank, dtype=torch.float32)
+    for i, d in enumerate(mos_dirs):
+        store.load(f"mos{i}", d)
+    assert store.tables_in_use() == 1, "tenants of one recipe did not share their table"
+    pools = store.memory_bytes("mos0")
+    measured = store.tenant_bytes("mos0")  # pools + slot + a k-th of the table, as loaded
     from safetensors import safe_open
 
     with safe_open(os.path.join(lora_dir, "adapter_model.safetensors"), "pt") as f:
-        lora_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
-    out = dict(mos_pool_bytes=store.memory_bytes("mos"), table_bytes=tables,
-               mos_bytes=store.memory_bytes("mos") + tables,
-               lora_store_pool_bytes=store.memory_bytes("lora"), lora_bytes=lora_bytes)
+        lora_bytes = sum(f.get_tensor(n).numel() * 4 for n in f.keys())
+    budget = int(a.budget_gb * (1 << 30))
+
+    def row(pool_b, table_b, slot_b, lora_b):
+        fixed = 2 * table_b  # max_tables=1 plus the empty table 0, allocated once
+        n = (budget - fixed) // (pool_b + slot_b)
+        per = pool_b + slot_b + fixed / n
+        return dict(mos_pool_bytes=pool_b, table_bytes=table_b, slot_bytes=slot_b, store_table_bytes=fixed,
+                    tenants_in_budget_mos=int(n), mos_bytes=per, lora_bytes=lora_b,
+                    tenants_in_budget_lora=budget // lora_b, tenants_per_gb_ratio=lora_b / per,
+                    pools_only_ratio=lora_b / pool_b, own_table_ratio=lora_b / (pool_b + table_b + slot_b))
+
+    out = row(pools, store.table_bytes(), store.slot_bytes(), lora_bytes)
+    out.update(measured_tenant_bytes=measured, measured_with_tenants=k, lora_store_pool_bytes=None)
     # the same accounting at LLaMA-2-7B shapes (h=4096, I=11008, 32 layers, all 7 projections), fp16:
-    # pools e*L*sum(h+o) and r*L*sum(h+o) elements, tables 2 * max_rank * slots int32 per layer
+    # pools e*L*sum(h+o) and r*L*sum(h+o) elements, one table 2 * max_rank * slots int32 per layer
     s7 = 2 * 4096 * 4 + 3 * (4096 + 11008)
-    pools7 = a.e * 32 * s7 * 2
-    tables7 = 32 * 7 * 2 * a.rank * store.slots * 4
-    out["llama7b"] = dict(mos_bytes=pools7 + tables7, mos_pool_bytes=pools7, table_bytes=tables7,
-                          lora_bytes=a.rank * 32 * s7 * 2)
+    out["llama7b"] = row(a.e * 32 * s7 * 2, 32 * 7 * 2 * a.rank * store.slots * 4, store.slot_bytes(),
+                         a.rank * 32 * s7 * 2)
     return out
+
+
+def print_memory(a, mem):
+    print("| shapes | LoRA r=%d bytes/tenant | MoS e=%d bytes/tenant (pools + slot + share of tables) | "
+          "tenants in %.1f GB: LoRA | MoS | tenants/GB ratio | with a table per tenant |" % (a.rank, a.e, a.budget_gb))
+    print("|---|---|---|---|---|---|---|")
+    for label, m in (("this base (fp32)", mem), ("LLaMA-2-7B, fp16 (computed)", mem["llama7b"])):
+        share = m["store_table_bytes"] / m["tenants_in_budget_mos"]
+        print(f"| {label} | {m['lora_bytes']:,} | {m['mos_bytes']:,.0f} ({m['mos_pool_bytes']:,} + {m['slot_bytes']} + "
+              f"{share:,.0f}) | {m['tenants_in_budget_lora']:,} | {m['tenants_in_budget_mos']:,} | "
+              f"{m['tenants_per_gb_ratio']:.3f}x ({m['pools_only_ratio']:.2f}x pools only) | "
+              f"{m['own_table_ratio']:.2f}x |")
+    print(f"measured in the store: {mem['measured_with_tenants']} tenants of one recipe loaded hold 1 table; "
+          f"tenant_bytes = {mem['measured_tenant_bytes']:,.0f} (pools {mem['mos_pool_bytes']:,} + slot "
+          f"{mem['slot_bytes']} + table {mem['table_bytes']:,} / {mem['measured_with_tenants']})")
 
 
 def start_server(a, mode, base_dir, dirs, py, work):
@@ -273,11 +308,22 @@ def run_all(a, base_dir, dirs_by_mode, py, work):
 
 def main():
     a = parse()
-    py = U.bench_vllm_python()
+    if a.memory_only:
+        a.tenant_counts = [a.memory_tenants]
+        a.out = a.out.replace(".json", "_memory.json")
+    py = None if a.memory_only else U.bench_vllm_python()
     work = a.workdir or tempfile.mkdtemp(prefix="bench_vllm_")
     os.makedirs(work, exist_ok=True)
     cfg, base_dir, mos, lora = make_adapters(a, work)
-    mem = memory(a, cfg, mos[0], lora[0])
+    mem = memory(a, cfg, mos[:a.memory_tenants], lora[0])
+    if a.memory_only:
+        print_memory(a, mem)
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(dict(info=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv),
+                           memory=mem), f, indent=2)
+        print(f"wrote {a.out}")
+        return
     print(f"== lora: vLLM's own LoRA path (plugin off) | mos: vLLM with the mos_ext plugin; alternating; TP {a.tp}",
           flush=True)
     runs = run_all(a, base_dir, {"lora": lora, "mos": mos}, py, work)
@@ -300,16 +346,7 @@ def main():
           + ", ".join(f"{m} {runs[m]['isolation']['base_equal_alone']}/{runs[m]['isolation']['base_requests']}"
                       for m in runs))
     print()
-    print("| shapes | LoRA r=%d bytes/tenant | MoS e=%d bytes/tenant (pools + tables) | tenants in %.1f GB: LoRA | MoS | "
-          "tenants/GB ratio |" % (a.rank, a.e, a.budget_gb))
-    print("|---|---|---|---|---|---|")
-    for label, m in (("this base (fp32)", mem), ("LLaMA-2-7B, fp16 (computed)", mem["llama7b"])):
-        nl, nm = budget // m["lora_bytes"], budget // m["mos_bytes"]
-        m.update(tenants_in_budget_lora=nl, tenants_in_budget_mos=nm,
-                 tenants_per_gb_ratio=m["lora_bytes"] / m["mos_bytes"],
-                 pools_only_ratio=m["lora_bytes"] / m["mos_pool_bytes"])
-        print(f"| {label} | {m['lora_bytes']:,} | {m['mos_bytes']:,} ({m['mos_pool_bytes']:,} + {m['table_bytes']:,}) "
-              f"| {nl:,} | {nm:,} | {m['tenants_per_gb_ratio']:.2f}x ({m['pools_only_ratio']:.2f}x pools only) |")
+    print_memory(a, mem)
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), torch=torch.__version__, argv=sys.argv, args={k: v for k, v in vars(a).items()},
                 commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
