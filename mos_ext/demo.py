@@ -51,14 +51,17 @@ TENANTS = [  # name, task, method kwargs (MoS tenants have half the parameters o
 ]
 
 
-def per_tenant_7b(method: str, r: int, e: int = 0, l: int = 4, bytes_per=2) -> int:
-    """Bytes of one tenant at LLaMA2-7B shapes (bf16 pools + int32 tables)."""
+def per_tenant_7b(method: str, r: int, e: int = 0, l: int = 4, bytes_per=2, own_table: bool = False) -> int:
+    """Bytes of one tenant at LLaMA2-7B shapes: bf16 pools, plus for MoS the store slot (int32 map
+    rows and fp32 scale) and, with ``own_table``, a table of its own (int32, ``2 r l`` per layer);
+    tenants of one recipe share their table (docs/OPS.md), which then costs them ~nothing each."""
     L = LLAMA2_7B["layers"]
     hw = sum(h + o for h, o in LLAMA2_7B["dims"])
     if method == "lora":
         return r * L * hw * bytes_per
-    tables = 7 * L * 2 * r * l * 4
-    return e * L * hw * bytes_per + tables
+    slot = 7 * 2 * 2 * 4 + 4
+    tables = 7 * L * 2 * r * l * 4 if own_table else 0
+    return e * L * hw * bytes_per + slot + tables
 
 
 def main(argv=None):
@@ -182,7 +185,10 @@ def main(argv=None):
     # ---- 5. capacity at LLaMA2-7B shapes (bf16)
     print("\ntenants per memory at LLaMA2-7B shapes (bf16, all 7 projections, 32 layers):")
     print(f"{'adapter':28s} {'bytes/tenant':>14s} {'per 1 GB':>9s} {'per 80 GB':>10s}")
+    print(f"(this store: {store.tables_in_use()} tables for {len(store.names())} tenants; tenants of one recipe "
+          f"share one)")
     for label, nbytes in (("MoS e=2 (paper 5.00M)", per_tenant_7b("mos", 8, e=2)),
+                          ("MoS e=2, a table of its own", per_tenant_7b("mos", 8, e=2, own_table=True)),
                           ("MoS e=8 (paper 19.99M)", per_tenant_7b("mos", 32, e=8)),
                           ("LoRA r=16", per_tenant_7b("lora", 16)),
                           ("LoRA r=64", per_tenant_7b("lora", 64))):
