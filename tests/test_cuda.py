@@ -8,7 +8,9 @@ values first and rows outside every valid segment must come back bitwise
 unchanged. Also: deterministic ``shard_grad`` is bitwise reproducible, a
 CUDA-graph capture of ``sgmv`` replays bitwise like eager, ``sharded_lora``
 compiles with ``fullgraph=True`` (forward and backward), invalid indices raise
-with checks on and are skipped exactly like on the CPU with checks off.
+with checks on and are skipped exactly like on the CPU with checks off. Shared
+tables (``map_a`` / ``map_b``) are checked against ``mos_ext.reference`` on both
+paths, bad maps with checks off inside guard bands, and under graph replay.
 
 Needs a CUDA device and a CUDA build of the extension; elsewhere the whole
 module is skipped.
@@ -584,3 +586,148 @@ def test_shard_grad_deterministic_chunks(cuda_path, monkeypatch, dtype, cap):
     g_ref = g0.clone()
     ops.shard_grad(g_ref, u, c.x, c.idx_a, c.scale, c.seg_indptr, c.seg_tenant, False)
     assert_close(outs[0], g_ref, f"chunked deterministic shard_grad cap={cap}")
+
+
+# ----------------------------------------------------------------------------
+# Shared tables (map_a / map_b [T, 2]: table, row base per tenant), on both
+# paths against mos_ext.reference. The problems are the emulator test's
+# (tests/test_cuda_emu.py: map_problem, map_tables), so a failure here can be
+# replayed on the CPU with tools/cuda_emu.
+
+
+def _dev(t):
+    return t.contiguous().to(DEV)
+
+
+def _map_ops(p, with_maps=True):
+    """sgmv / shrink / expand of problem ``p`` on the device (y, v, y_expand, the v fed to expand)."""
+    d = {k: _dev(v) for k, v in p.items()}
+    ma, mb = (d["map_a"], d["map_b"]) if with_maps else (None, None)
+    y = d["y"].clone()
+    torch.ops.mos.sgmv(y, d["x"], d["pool_a"], d["pool_b"], d["idx_a"], d["idx_b"], d["scale"], d["ip"], d["tn"],
+                       map_a=ma, map_b=mb)
+    v = torch.ops.mos.sgmv_shrink(d["x"], d["pool_a"], d["idx_a"], d["ip"], d["tn"], map_a=ma)
+    vv = torch.randn(p["x"].shape[0], p["idx_b"].shape[1], generator=torch.Generator().manual_seed(1),
+                     dtype=acc_dtype(p["x"].dtype))
+    ye = d["y"].clone()
+    torch.ops.mos.sgmv_expand(ye, _dev(vv), d["pool_b"], d["idx_b"], d["scale"], d["ip"], d["tn"], map_b=mb)
+    torch.cuda.synchronize()
+    return y.cpu(), v.cpu(), ye.cpu(), vv
+
+
+def _map_reference(p, ia, ib, ma, mb, tn, vv):
+    from mos_ext import reference as R
+
+    x, y0 = p["x"].contiguous(), p["y"].contiguous()
+    y = R.sgmv(y0.clone(), x, p["pool_a"], p["pool_b"], ia, ib, p["scale"], p["ip"], tn, map_a=ma, map_b=mb)
+    v = R.sgmv_shrink(x, p["pool_a"], ia, p["ip"], tn, map_a=ma)
+    ye = R.sgmv_expand(y0.clone(), vv, p["pool_b"], ib, p["scale"], p["ip"], tn, map_b=mb)
+    return y, v, ye
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["decode", "prefill", "one_table", "segs300", "odd"])
+def test_shared_tables_against_reference(cuda_path, path, dtype, shape):
+    """U tables shared by T > U tenants with their own row bases (0 and the pool's top
+    block among them), -1 padded rank rows, empty and -1 segments, fp32 pools on one side,
+    on each path (prefill: the tensor-core kernel for fp16 / bf16 under "fast")."""
+    from test_cuda_emu import MAP_SHAPES, map_problem
+
+    cuda_path(path)
+    N, h, l_a, o, l_b, r, U, T, S = MAP_SHAPES[shape]
+    half = dtype in (torch.float16, torch.bfloat16)
+    p = map_problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, U=U, T=T, S=S, dtype=dtype,
+                    pa=torch.float32 if half and shape != "odd" else None, pb=torch.float32 if half else None,
+                    aligned=True, seed=N + T)
+    y, v, ye, vv = _map_ops(p)
+    yr, vr, yer = _map_reference(p, p["idx_a"], p["idx_b"], p["map_a"], p["map_b"], p["tn"], vv)
+    what = f"{shape} {dtype} {path}"
+    assert_close(y, yr, f"sgmv {what}")
+    assert_close(v, vr, f"shrink {what}")
+    assert_close(ye, yer, f"expand {what}")
+    untouched = (yr == p["y"]).all(1)
+    assert torch.equal(y[untouched], p["y"].contiguous()[untouched])
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("dtype,N,tenants", [(torch.bfloat16, 60, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1, 11]),
+                                             (torch.float16, 300, [7, 3, 2, 11]),
+                                             (torch.float32, 60, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, -1])])
+def test_shared_tables_checks_off_garbage(cuda_path, path, dtype, N, tenants):
+    """Bad map rows with checks off (table outside [0, U), base outside [0, P] or P, half a
+    table past the pool's end, tenants past the map): no read outside the pools, tables or
+    maps (they sit in NaN / row-0 guard bands; an illegal access surfaces at the sync), and
+    the result is the reference's on the per-tenant tables the contract gives."""
+    from test_cuda_emu import map_problem, map_tables
+
+    cuda_path(path)
+    h, l_a, o, l_b, r, U, T, S = 64, 2, 48, 3, 8, 3, 10, len(tenants)
+    p = map_problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, U=U, T=T, S=S, dtype=dtype, pa=None,
+                    pb=torch.float32, aligned=True, seed=N + S)
+    p["ip"] = torch.arange(0, N + 1, N // S, dtype=torch.int32)[: S + 1]
+    p["tn"] = torch.tensor(tenants, dtype=torch.int32)
+    P_a, P_b, Q_a, Q_b = p["pool_a"].shape[0], p["pool_b"].shape[0], r * l_a, r * l_b
+    ma, mb = p["map_a"], p["map_b"]
+    ma[2, 0], mb[3, 0], ma[4, 0], mb[5, 0] = -1, U, U + 7, -3
+    ma[5, 1], mb[2, 1], ma[6, 1], mb[6, 1] = -2, P_b + 1, P_a, P_b
+    ma[7, 0], mb[7, 0], ma[7, 1], mb[7, 1] = 0, 0, P_a - Q_a // 2, P_b - Q_b // 3
+    ma[8, 1], mb[4, 1] = P_a + 100, -(1 << 30)
+    for k, Q in (("idx_a", Q_a), ("idx_b", Q_b)):
+        p[k][0, 0, :2] = torch.tensor([Q - 1, 0])
+    ref_tabs = (map_tables(p["idx_a"], ma, P_a), map_tables(p["idx_b"], mb, P_b))
+    ref_tn = torch.where(p["tn"] < T, p["tn"], -1)
+    gp = 2 * max(Q_a, Q_b) + 8
+
+    def guarded(t, before, fill):
+        """``t`` on the device inside a buffer with ``before`` rows of ``fill`` on each side."""
+        buf = torch.full((t.shape[0] + 2 * before,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=DEV)
+        out = buf[before:before + t.shape[0]]
+        out.copy_(t)
+        return out
+
+    with mos_ext.index_checks(False, device=False):
+        d = {k: _dev(v) for k, v in p.items()}
+        for k, before, fill in (("pool_a", gp, float("nan")), ("pool_b", gp, float("nan")), ("idx_a", 8, 0),
+                                ("idx_b", 8, 0), ("map_a", 4, 0), ("map_b", 4, 0)):
+            d[k] = guarded(p[k], before, fill)
+        y = d["y"].clone()
+        torch.ops.mos.sgmv(y, d["x"], d["pool_a"], d["pool_b"], d["idx_a"], d["idx_b"], d["scale"], d["ip"], d["tn"],
+                           map_a=d["map_a"], map_b=d["map_b"])
+        v = torch.ops.mos.sgmv_shrink(d["x"], d["pool_a"], d["idx_a"], d["ip"], d["tn"], map_a=d["map_a"])
+        vv = torch.randn(N, r, generator=torch.Generator().manual_seed(1), dtype=acc_dtype(dtype))
+        ye = d["y"].clone()
+        torch.ops.mos.sgmv_expand(ye, vv.to(DEV), d["pool_b"], d["idx_b"], d["scale"], d["ip"], d["tn"],
+                                  map_b=d["map_b"])
+        torch.cuda.synchronize()  # surfaces any illegal memory access
+    yr, vr, yer = _map_reference(p, ref_tabs[0], ref_tabs[1], None, None, ref_tn, vv)
+    assert_close(y.cpu(), yr, f"sgmv garbage maps {dtype} {path}")
+    assert_close(v.cpu(), vr, f"shrink garbage maps {dtype} {path}")
+    assert_close(ye.cpu(), yer, f"expand garbage maps {dtype} {path}")
+
+
+def test_shared_tables_cuda_graph(cuda_path):
+    """The maps are read on the device: a captured sgmv replays new map contents (a tenant
+    moved to another table and base, as a store does in place) like eager."""
+    from test_cuda_emu import MAP_SHAPES, map_problem
+
+    cuda_path("fast")
+    N, h, l_a, o, l_b, r, U, T, S = MAP_SHAPES["decode"]
+    p = map_problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, U=U, T=T, S=S, dtype=torch.bfloat16, pa=None, pb=None,
+                    aligned=True, seed=5)
+    d = {k: _dev(v) for k, v in p.items()}
+    args = lambda y: (y, d["x"], d["pool_a"], d["pool_b"], d["idx_a"], d["idx_b"], d["scale"], d["ip"], d["tn"])
+    with mos_ext.index_checks(False):
+        y_static = d["y"].clone()
+        graph = capture_graph(lambda: torch.ops.mos.sgmv(*args(y_static), map_a=d["map_a"], map_b=d["map_b"]))
+        moved_a, moved_b = p["map_a"].clone(), p["map_b"].clone()
+        moved_a[:, 0], moved_b[:, 0] = moved_a.flip(0)[:, 0], moved_b.flip(0)[:, 0]
+        moved_a[:, 1] = moved_a[:, 1].flip(0)
+        d["map_a"].copy_(moved_a)
+        d["map_b"].copy_(moved_b)
+        y_static.copy_(d["y"])
+        graph.replay()
+        y_eager = d["y"].clone()
+        torch.ops.mos.sgmv(*args(y_eager), map_a=d["map_a"], map_b=d["map_b"])
+        torch.cuda.synchronize()
+    assert torch.equal(y_static, y_eager)

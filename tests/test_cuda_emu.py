@@ -8,7 +8,9 @@ batch, 3000 segments with empty and -1 segments so the fast path's segment
 pre-pass runs) x ops (sgmv, sgmv_shrink, sgmv_expand). Plus: fp32 activations
 and shard lengths that are not multiples of 8 fall back; MOS_EXT_CUDA_PATH=generic
 forces the fallback; a 16-byte access the dispatch let through misaligned would
-fail the launch (the emulator checks every one).
+fail the launch (the emulator checks every one). Shared tables (map_a / map_b):
+U < T tables with per-tenant row bases on every path and dtype, and bad maps with
+checks off inside guard bands (no read outside the pools, tables or maps).
 
 Needs g++, ninja and the CUDA headers (no GPU); skipped without them. The first
 run builds the emulator (~1 minute; cached in $MOS_EMU_BUILD).
@@ -309,6 +311,220 @@ def test_checks_off_garbage(E, S, N, dtype):
     finally:
         mos_ext.set_index_checks(prev)
         E.set_index_checks(True)
+
+
+# ----------------------------------------------------------------------------
+# Shared tables: map_a / map_b [T, 2] (table u, row base) per tenant, U < T tables
+
+
+def map_tables(idx, map_, P):
+    """The [T, r, l] global-row tables a map gives, by the contract (launch.h Table):
+    tenant t reads table u = map[t, 0], its entry p names row base + p (base = map[t, 1])
+    and is used iff 0 <= p < P - base; a row with u outside [0, U) or base outside [0, P]
+    leaves the tenant nothing (all -1). For valid maps these are reference.tenant_table's."""
+    out = torch.full((map_.shape[0],) + tuple(idx.shape[1:]), -1, dtype=torch.int32)
+    for t, (u, base) in enumerate(map_.tolist()):
+        if 0 <= u < idx.shape[0] and 0 <= base <= P:
+            tab = idx[u]
+            out[t] = torch.where((tab >= 0) & (tab < P - base), tab + base, -1)
+    return out
+
+
+def map_problem(*, N, h, l_a, o, l_b, r, U, T, S, dtype, pa, pb, aligned, seed):
+    """problem() with U < T shared tables: table u names rows [0, r * l) of an adapter
+    block (-1 padded rank rows, rank padding shared by both sides), every table is used
+    and most by several tenants, each tenant with its own row base (0, the top block
+    P - r * l, random ones in between) into pools of a few blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    s_a, s_b = h // l_a, o // l_b
+    Q_a, Q_b = r * l_a, r * l_b  # rows a table names
+    P_a, P_b = 3 * Q_a + 5, 2 * Q_b + 3
+    x = rows(N, h, dtype, gen, aligned)
+    y = rows(N, o, dtype, gen, aligned)
+    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
+    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    idx_a, idx_b = mixed_rank_table(U, r, l_a, Q_a, gen), mixed_rank_table(U, r, l_b, Q_b, gen)
+    idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
+    idx_a[0, 0, 0] = Q_a - 1  # with base P - Q the pool's last row
+    idx_b[0, 0, 0] = Q_b - 1
+    u = torch.cat([torch.arange(U), torch.randint(0, U, (T - U,), generator=gen)])
+    u = u[torch.randperm(T, generator=gen)]
+    u[0] = 0
+    maps = []
+    for P, Q in ((P_a, Q_a), (P_b, Q_b)):
+        base = torch.randint(0, P - Q + 1, (T,), generator=gen)
+        base[0], base[1] = P - Q, 0
+        maps.append(torch.stack([u, base], 1).to(torch.int32))
+    scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).float()
+    ip, tn = random_segments(N, T, S, gen, full_p=0.6, empty_every=5)
+    tn[: min(2, S)] = torch.tensor([0, 1][: min(2, S)], dtype=torch.int32)  # the top block and base 0 in use
+    if S > 2 and int(ip[1]) == int(ip[0]):
+        ip[1:] = torch.clamp(ip[1:], min=min(int(ip[0]) + 1, N))  # ... with a token
+    return dict(x=x, y=y, pool_a=pool_a, pool_b=pool_b, idx_a=idx_a, idx_b=idx_b, scale=scale, ip=ip, tn=tn,
+                map_a=maps[0], map_b=maps[1])
+
+
+def run_maps(E, p, expect_fast, what, fused_path=None, oracle_maps=True):
+    """run_all with the maps, against the reference (with the maps, or, oracle_maps=False,
+    without them on map_tables' per-tenant tables, segments of tenants >= T set to -1)."""
+    x, y0 = p["x"], p["y"]
+    pa, pb, ia, ib, sc, ip, tn = p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"]
+    ma, mb = p["map_a"], p["map_b"]
+    if oracle_maps:
+        ref_a, ref_b, ref_tn = (ia, ma), (ib, mb), tn
+    else:
+        T = ma.shape[0]
+        ref_a, ref_b = (map_tables(ia, ma, pa.shape[0]), None), (map_tables(ib, mb, pb.shape[0]), None)
+        ref_tn = torch.where(tn < T, tn, -1)
+
+    def ref_sgmv(y, v=None):
+        if v is None:
+            return reference.sgmv(y, x, pa, pb, ref_a[0], ref_b[0], sc, ip, ref_tn, map_a=ref_a[1], map_b=ref_b[1])
+        return reference.sgmv_expand(y, v, pb, ref_b[0], sc, ip, ref_tn, map_b=ref_b[1])
+
+    def path(op, want_fast, want=None):
+        got = E.last_sgmv_path()
+        assert got.startswith("fast") == want_fast and (want is None or got == want), f"{what}: {op} took {got!r}"
+
+    y = _clone_view(y0)
+    E.sgmv(y, x, pa, pb, ia, ib, sc, ip, tn, ma, mb)
+    path("sgmv", expect_fast, fused_path)
+    yr = ref_sgmv(_clone_view(y0))
+    close(y, yr, f"{what} sgmv")
+    untouched = (yr == y0).all(1)
+    assert torch.equal(y[untouched], y0[untouched]), f"{what}: sgmv touched rows outside segments"
+    v = E.sgmv_shrink(x, pa, ia, ip, tn, map_a=ma)
+    path("shrink", expect_fast)
+    close(v, reference.sgmv_shrink(x, pa, ref_a[0], ip, ref_tn, map_a=ref_a[1]), f"{what} shrink")
+    vv = torch.randn(x.shape[0], ib.shape[1], generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    y = _clone_view(y0)
+    E.sgmv_expand(y, vv, pb, ib, sc, ip, tn, map_b=mb)
+    path("expand", expect_fast)
+    close(y, ref_sgmv(_clone_view(y0), vv), f"{what} expand")
+    return yr
+
+
+MAP_SHAPES = {
+    # name: N, h, l_a, o, l_b, r, U, T, S
+    "decode": (48, 256, 4, 256, 4, 16, 5, 24, 40),
+    "prefill": (150, 384, 2, 128, 1, 24, 2, 3, 4),  # the tensor-core prefill kernel
+    "one_table": (40, 128, 1, 96, 1, 8, 1, 6, 12),  # every tenant on one table
+    "segs300": (300, 64, 2, 32, 1, 5, 3, 9, 280),   # the fast path's segment pre-pass
+    "odd": (37, 45, 3, 70, 2, 7, 3, 8, 9),          # shard lengths 15 and 35: generic kernels
+}
+
+MAP_CASES = [
+    # shape, dtype, aligned rows, (pool_a, pool_b) fp32 or activation dtype, fused path (None: generic)
+    ("decode", torch.bfloat16, True, (torch.float32, None), "fast"),
+    ("decode", torch.float16, True, (None, torch.float32), "fast"),
+    ("decode", torch.bfloat16, False, (None, None), None),
+    ("prefill", torch.bfloat16, True, (torch.float32, None), "fast (tensor-core prefill)"),
+    ("prefill", torch.float16, True, (None, torch.float32), "fast (tensor-core prefill)"),
+    ("one_table", torch.float16, True, (None, None), "fast"),
+    ("segs300", torch.bfloat16, True, (None, None), "fast"),
+    ("odd", torch.bfloat16, True, (None, torch.float32), None),
+    ("odd", torch.float32, True, (None, None), None),
+    ("odd", torch.float64, False, (None, None), None),
+    ("decode", torch.float32, True, (None, None), None),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,aligned,pools,fused", MAP_CASES,
+                         ids=[f"{c[0]}-{str(c[1])[6:]}-{'al' if c[2] else 'off'}-{i}" for i, c in enumerate(MAP_CASES)])
+def test_shared_tables(E, shape, dtype, aligned, pools, fused):
+    """map_a / map_b: U tables shared by T > U tenants, each with its own row base,
+    -1 padded rank rows, empty and -1 segments, on each kernel path, against the
+    reference; the maps matter (the same tables without them give another result)."""
+    N, h, l_a, o, l_b, r, U, T, S = MAP_SHAPES[shape]
+    p = map_problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, U=U, T=T, S=S, dtype=dtype, pa=pools[0], pb=pools[1],
+                    aligned=aligned, seed=N + T + (dtype == torch.float16))
+    yr = run_maps(E, p, fused is not None, f"{shape} {dtype} aligned={aligned}", fused_path=fused)
+    # the reference's maps are map_tables' tables: same result without maps
+    ref2 = reference.sgmv(_clone_view(p["y"]), p["x"], p["pool_a"], p["pool_b"],
+                          map_tables(p["idx_a"], p["map_a"], p["pool_a"].shape[0]),
+                          map_tables(p["idx_b"], p["map_b"], p["pool_b"].shape[0]), p["scale"], p["ip"], p["tn"])
+    assert torch.equal(yr, ref2)
+    if shape == "decode" and dtype == torch.bfloat16 and aligned:
+        # the same tables read as per-tenant tables at base 0 (first U tenants): another result
+        tn = torch.where(p["tn"] < U, p["tn"], -1)
+        y = _clone_view(p["y"])
+        E.sgmv(y, p["x"], p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"][:U], p["ip"], tn)
+        assert not torch.equal(y, yr)
+
+
+def _guarded(t, before, after, fill):
+    """A copy of ``t`` (rows) inside a larger contiguous buffer whose ``before`` rows in
+    front and ``after`` behind hold ``fill``: a read past either end picks those up."""
+    buf = torch.full((before + t.shape[0] + after,) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+    out = buf[before:before + t.shape[0]]
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype,aligned,N,tenants,fused", [
+    (torch.bfloat16, True, 60, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1, 11], "fast"),
+    (torch.float16, True, 300, [7, 3, 2, 11], "fast (tensor-core prefill)"),
+    (torch.float32, True, 60, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, -1, 11], None),
+    (torch.bfloat16, False, 60, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, -1], None),
+])
+def test_shared_tables_checks_off_garbage(E, dtype, aligned, N, tenants, fused):
+    """Index checks off, bad maps: a table outside [0, U), a row base outside [0, P] (or P
+    itself), and bases that put some of a table's entries at or past the pool's end. Bad rows
+    leave their tenant nothing, entries past the end are skipped one by one, tenants >= T
+    skip their segments, and nothing outside the pools, tables or maps is read: they sit in
+    guard bands (NaN pool rows, tables and map rows naming row 0) that would show in y."""
+    h, l_a, o, l_b, r, U, T, S = 64, 2, 48, 3, 8, 3, 10, len(tenants)
+    p = map_problem(N=N, h=h, l_a=l_a, o=o, l_b=l_b, r=r, U=U, T=T, S=S, dtype=dtype, pa=None,
+                    pb=torch.float32, aligned=aligned, seed=N + S)
+    p["ip"] = torch.arange(0, N + 1, N // S, dtype=torch.int32)[: S + 1]  # every segment has tokens
+    p["tn"] = torch.tensor(tenants, dtype=torch.int32)  # 11: a tenant past the map
+    P_a, P_b, Q_a, Q_b = p["pool_a"].shape[0], p["pool_b"].shape[0], r * l_a, r * l_b
+    ma, mb = p["map_a"], p["map_b"]
+    ma[2, 0], mb[3, 0] = -1, U          # no such table
+    ma[4, 0], mb[5, 0] = U + 7, -3
+    ma[5, 1], mb[2, 1] = -2, P_b + 1    # base outside [0, P]
+    ma[6, 1], mb[6, 1] = P_a, P_b       # base P: nothing left
+    ma[7, 0], mb[7, 0] = 0, 0         # part of table 0 past the end
+    ma[7, 1], mb[7, 1] = P_a - Q_a // 2, P_b - Q_b // 3
+    ma[8, 1], mb[4, 1] = P_a + 100, -(1 << 30)
+    gen = torch.Generator().manual_seed(7)
+    for k, Q in (("idx_a", Q_a), ("idx_b", Q_b)):  # entries past their block, and negative ones
+        m = torch.rand(p[k].shape, generator=gen) < 0.2
+        p[k][m] = torch.randint(-4, 2 * Q, (int(m.sum()),), generator=gen, dtype=torch.int32)
+        p[k][0, 0, :2] = torch.tensor([Q - 1, 0])  # tenant 7: one entry past the end, one used
+    # guard bands: pools between NaN rows, tables and maps between entries that name row 0
+    gp = max(2 * Q_a, 2 * Q_b) + 8
+    p["pool_a"], p["pool_b"] = (_guarded(p[k], gp, gp, float("nan")) for k in ("pool_a", "pool_b"))
+    p["idx_a"], p["idx_b"] = (_guarded(p[k], 8, 8, 0) for k in ("idx_a", "idx_b"))
+    p["map_a"], p["map_b"] = (_guarded(m, 4, 4, 0) for m in (ma, mb))
+    prev = mos_ext.set_index_checks(False)
+    E.set_index_checks(False)
+    try:
+        run_maps(E, p, fused is not None, f"garbage maps {dtype} aligned={aligned}", fused_path=fused,
+                 oracle_maps=False)
+    finally:
+        mos_ext.set_index_checks(prev)
+        E.set_index_checks(True)
+    tabs = map_tables(p["idx_a"], p["map_a"], P_a)
+    assert not tabs[[2, 4, 5, 6, 8]].ge(0).any() and tabs[7, 0].tolist() == [-1, P_a - Q_a // 2]
+
+
+def test_shared_tables_checked(E):
+    """With checks on, the CUDA ops reject a bad map row and a lone map (sgmv needs both)."""
+    p = map_problem(N=20, h=64, l_a=2, o=32, l_b=1, r=4, U=2, T=4, S=3, dtype=torch.bfloat16, pa=None, pb=None,
+                    aligned=True, seed=3)
+    args = (p["pool_a"], p["pool_b"], p["idx_a"], p["idx_b"], p["scale"], p["ip"], p["tn"])
+    with pytest.raises(ValueError, match="map_b"):
+        E.sgmv(p["y"].clone(), p["x"], *args, p["map_a"], None)
+    bad = p["map_a"].clone()
+    bad[1, 0] = 2
+    with pytest.raises(IndexError, match="map_a"):
+        E.sgmv_shrink(p["x"], p["pool_a"], p["idx_a"], p["ip"], p["tn"], map_a=bad)
+    bad = p["map_b"].clone()
+    bad[3, 1] = p["pool_b"].shape[0]  # base P with a table that names rows
+    with pytest.raises(IndexError, match="map_b"):
+        E.sgmv(p["y"].clone(), p["x"], *args, p["map_a"], bad)
 
 
 # ----------------------------------------------------------------------------

@@ -114,12 +114,51 @@ __device__ __forceinline__ int block_inclusive_scan(int v, int* wbuf, int* total
 }
 
 // Device-side view of one side (A or B) of the adapter batch: pool [P, s]
-// (element type known to the kernel), table [T, r, l].
+// (element type known to the kernel), tables [U, r, l] and an optional
+// shared-table map [T, 2] (launch.h Table). Kernels read a tenant's table only
+// through tenant_side below.
 struct SideArgs {
   const void* pool;    // [P, s] in PT
-  const int32_t* idx;  // [T, r, l]
+  const int32_t* idx;  // [U, r, l] (U = T without a map)
   int64_t P, s, l, r;
+  const int32_t* map = nullptr;  // [T, 2]: row t = (table u, row base); nullptr: table t, base 0
+  int64_t U = 0;                 // tables (idx's first dim); only read with a map
 };
+
+// Tenant t's view of side X: a copy of X with a single table, idx = the table t
+// reads ([r, l]), and the pool starting at t's row base, P = the rows from
+// there on. So entry p of idx names row p of the view's pool and is used iff
+// 0 <= p < P (valid_row), i.e. pool row base + p of X with 0 <= p < X.P - base.
+//   no map:   table t, base 0 (X itself, idx advanced);
+//   map row (u, base) with 0 <= u < U and 0 <= base < P: table u, base;
+//   otherwise (a bad row with value checks off, or base == P: nothing left):
+//             P = 0, every slot skipped; idx (table 0) and pool stay readable
+//             pointers (the host checks guarantee U >= 1 when T >= 1).
+// Call once per item (two loads from the map), never per entry. The pool moves
+// by whole rows (base * s elements of PT): where the fast paths need 16-byte
+// aligned pools they also need s % 8 == 0 with 2- or 4-byte PT, so rows are
+// 16-byte multiples and the shifted pool stays 16-byte aligned.
+template <typename PT>
+__device__ __forceinline__ SideArgs tenant_side(const SideArgs& X, int t) {
+  SideArgs v = X;
+  v.map = nullptr;
+  v.U = 1;
+  const int64_t per = X.r * X.l;
+  if (X.map == nullptr) {
+    v.idx = X.idx + static_cast<int64_t>(t) * per;
+    return v;
+  }
+  const int u = __ldg(X.map + 2 * static_cast<int64_t>(t));
+  const int base = __ldg(X.map + 2 * static_cast<int64_t>(t) + 1);
+  if (u < 0 || u >= X.U || base < 0 || base >= X.P) {
+    v.P = 0;
+    return v;
+  }
+  v.idx = X.idx + static_cast<int64_t>(u) * per;
+  v.pool = static_cast<const PT*>(X.pool) + static_cast<int64_t>(base) * X.s;
+  v.P = X.P - base;
+  return v;
+}
 
 // ---- segments ------------------------------------------------------------------
 

@@ -84,6 +84,8 @@ inline SideArgs side_args(const Table& t) {
   a.s = t.s;
   a.l = t.l;
   a.r = t.r;
+  a.map = t.map;
+  a.U = t.U;
   return a;
 }
 

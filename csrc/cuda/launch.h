@@ -13,6 +13,10 @@
 // accumulation in float (double for F64 activations); outputs rounded once.
 // Index entries outside [0, P) are zero shards, segment tenants outside [0, T)
 // skip the segment, segment bounds are clamped to [0, N] and never overlap.
+// Shared tables (Table::map): tenant t reads table map[t, 0] and its entry p
+// names pool row map[t, 1] + p, used iff 0 <= p < P - map[t, 1]; a map row
+// naming no table or a base outside [0, P] (value checks off) skips all of the
+// tenant's slots.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,16 +35,21 @@ struct Segments {
   const int32_t* tenant = nullptr;  // [S]
   int64_t S = 0;                    // segments
   int64_t N = 0;                    // tokens
-  int64_t T = 0;                    // tenants (the size of the tables' first dim)
+  int64_t T = 0;                    // tenants (the tables' first dim; the map's rows with shared tables)
 };
 
 // One side (A or B) of a sharded adapter batch: pool [P, s] (contiguous) and
-// table idx [T, r, l] (contiguous, rank-major).
+// tables idx [U, r, l] (contiguous, rank-major). Without a map, table t is
+// tenant t's (U = T) and names pool rows directly. With a shared-table map
+// [T, 2] (int32, contiguous, device memory; row t = (table u, row base)),
+// tenant t reads table idx[u] and its entry p names pool row base + p.
 struct Table {
   const void* pool = nullptr;
   DType pool_dtype = DType::F32;
   const int32_t* idx = nullptr;
   int64_t P = 0, s = 0, l = 0, r = 0;
+  const int32_t* map = nullptr;  // [T, 2] shared-table map, or nullptr (table t, base 0)
+  int64_t U = 0;                 // tables (idx's first dim); only read with a map
 };
 
 // out [n, s] = pool[idx[k]] rows (zeros for idx outside [0, P)); elem_size is

@@ -57,7 +57,9 @@ Segments make_segments(const at::Tensor& seg_indptr, const at::Tensor& seg_tenan
   return s;
 }
 
-Table make_table(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d) {
+// One side; with a shared-table map (checked by csrc/checks.h), its rows and
+// U = idx.size(0) tables.
+Table make_table(const at::Tensor& pool, const at::Tensor& idx, const SideDims& d, const OptMap& map) {
   Table t;
   t.pool = pool.data_ptr();
   t.pool_dtype = to_dtype(pool.scalar_type());
@@ -66,6 +68,8 @@ Table make_table(const at::Tensor& pool, const at::Tensor& idx, const SideDims& 
   t.s = d.s;
   t.l = d.l;
   t.r = d.r;
+  t.map = map_ptr(map);
+  t.U = d.U;
   return t;
 }
 
@@ -130,8 +134,8 @@ at::Tensor gather_shards_cuda(const at::Tensor& pool, const at::Tensor& idx) {
 
 // Unchecked halves (arguments validated by the caller, guard set).
 void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                 const SideDims& a, const Segments& seg) {
-  const Table ta = make_table(pool_a, idx_a, a);
+                 const SideDims& a, const OptMap& map_a, const Segments& seg) {
+  const Table ta = make_table(pool_a, idx_a, a, map_a);
   const DType act = to_dtype(x.scalar_type());
   const SgmvPlan plan =
       plan_call(SgmvKind::Shrink, act, x.data_ptr(), x.stride(0), nullptr, 0, &ta, nullptr, seg);
@@ -141,14 +145,13 @@ void shrink_into(const at::Tensor& v, const at::Tensor& x, const at::Tensor& poo
                                     v.stride(0), act, &ta, nullptr, nullptr, seg, ws_ptr(ws), current_stream()));
     return;
   }
-  C10_CUDA_CHECK(launch_sgmv_shrink(v.data_ptr(), v.stride(0), x.data_ptr(), x.stride(0),
-                                    to_dtype(x.scalar_type()), make_table(pool_a, idx_a, a), seg,
+  C10_CUDA_CHECK(launch_sgmv_shrink(v.data_ptr(), v.stride(0), x.data_ptr(), x.stride(0), act, ta, seg,
                                     current_stream()));
 }
 
 void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const at::Tensor& idx_b,
-                 const at::Tensor& scale, const SideDims& b, const Segments& seg) {
-  const Table tb = make_table(pool_b, idx_b, b);
+                 const at::Tensor& scale, const SideDims& b, const OptMap& map_b, const Segments& seg) {
+  const Table tb = make_table(pool_b, idx_b, b, map_b);
   const DType act = to_dtype(y.scalar_type());
   const SgmvPlan plan =
       plan_call(SgmvKind::Expand, act, nullptr, 0, y.data_ptr(), y.stride(0), nullptr, &tb, seg);
@@ -159,40 +162,41 @@ void expand_from(const at::Tensor& y, const at::Tensor& v, const at::Tensor& poo
                                     current_stream()));
     return;
   }
-  C10_CUDA_CHECK(launch_sgmv_expand(y.data_ptr(), y.stride(0), to_dtype(y.scalar_type()), v.data_ptr(),
-                                    v.stride(0), make_table(pool_b, idx_b, b), scale.data_ptr<float>(), seg,
-                                    current_stream()));
+  C10_CUDA_CHECK(launch_sgmv_expand(y.data_ptr(), y.stride(0), act, v.data_ptr(), v.stride(0), tb,
+                                    scale.data_ptr<float>(), seg, current_stream()));
 }
 
 at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& idx_a,
-                            const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
-  const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant);
+                            const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_a) {
+  const SideDims a = check_shrink(x, pool_a, idx_a, seg_indptr, seg_tenant, map_a);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
   if (a.r == 0 || x.size(0) == 0) return v;
-  shrink_into(v, x, pool_a, idx_a, a, make_segments(seg_indptr, seg_tenant, x.size(0), a.T));
+  shrink_into(v, x, pool_a, idx_a, a, map_a, make_segments(seg_indptr, seg_tenant, x.size(0), a.T));
   return v;
 }
 
 void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& v, const at::Tensor& pool_b, const at::Tensor& idx_b,
-                      const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
-  const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant);
+                      const at::Tensor& scale, const at::Tensor& seg_indptr, const at::Tensor& seg_tenant,
+                      const OptMap& map_b) {
+  const SideDims b = check_expand(y, v, pool_b, idx_b, scale, seg_indptr, seg_tenant, map_b);
   if (b.r == 0 || y.size(0) == 0 || y.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(y.device());
-  expand_from(y, v, pool_b, idx_b, scale, b, make_segments(seg_indptr, seg_tenant, y.size(0), b.T));
+  expand_from(y, v, pool_b, idx_b, scale, b, map_b, make_segments(seg_indptr, seg_tenant, y.size(0), b.T));
 }
 
 void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_a, const at::Tensor& pool_b,
                const at::Tensor& idx_a, const at::Tensor& idx_b, const at::Tensor& scale,
-               const at::Tensor& seg_indptr, const at::Tensor& seg_tenant) {
-  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant);
+               const at::Tensor& seg_indptr, const at::Tensor& seg_tenant, const OptMap& map_a,
+               const OptMap& map_b) {
+  const auto dims = check_sgmv(y, x, pool_a, pool_b, idx_a, idx_b, scale, seg_indptr, seg_tenant, map_a, map_b);
   const SideDims& a = dims.first;
   const SideDims& b = dims.second;
   if (a.r == 0 || x.size(0) == 0 || y.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const Segments seg = make_segments(seg_indptr, seg_tenant, x.size(0), a.T);
   const DType act = to_dtype(x.scalar_type());
-  const Table ta = make_table(pool_a, idx_a, a), tb = make_table(pool_b, idx_b, b);
+  const Table ta = make_table(pool_a, idx_a, a, map_a), tb = make_table(pool_b, idx_b, b, map_b);
   const SgmvPlan plan =
       plan_call(SgmvKind::Fused, act, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), &ta, &tb, seg);
   if (plan.fast) {
@@ -210,8 +214,8 @@ void sgmv_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool_
     // The fused kernel keeps v [tokens, r] in shared memory; beyond its limit
     // go through a temporary v (same result, one allocation).
     at::Tensor v = at::zeros({x.size(0), a.r}, x.options().dtype(acc_dtype(x.scalar_type())));
-    shrink_into(v, x, pool_a, idx_a, a, seg);
-    expand_from(y, v, pool_b, idx_b, scale, b, seg);
+    shrink_into(v, x, pool_a, idx_a, a, map_a, seg);
+    expand_from(y, v, pool_b, idx_b, scale, b, map_b, seg);
     return;
   }
   C10_CUDA_CHECK(launch_sgmv(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), act, ta, tb,

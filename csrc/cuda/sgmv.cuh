@@ -35,12 +35,13 @@ __global__ void __launch_bounds__(kSgmvThreads)
   const ItemInfo it = locate_item<kSgmvThreads>(sg, blockIdx.x, BM);
   if (it.n0 >= it.n1) return;  // uniform: no such item
   const int r = static_cast<int>(A.r);
-  shrink_tile<XT, PA, AT>(x, x_stride, A, it, 0, r, vs, r, sm.shrink);
+  shrink_tile<XT, PA, AT>(x, x_stride, tenant_side<PA>(A, it.t), it, 0, r, vs, r, sm.shrink);
   const AT sc = static_cast<AT>(scale[it.t]);
   const int64_t o = B.l * B.s;
   const int64_t tiles = (o + BN - 1) / BN;
+  const SideArgs Bt = tenant_side<PB>(B, it.t);
   for (int64_t ct = blockIdx.y; ct < tiles; ct += gridDim.y)
-    expand_tile<XT, PB, AT>(y, y_stride, vs, r, sc, B, it, ct * BN, sm.expand);
+    expand_tile<XT, PB, AT>(y, y_stride, vs, r, sc, Bt, it, ct * BN, sm.expand);
 }
 
 }  // namespace gpu

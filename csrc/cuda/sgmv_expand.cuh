@@ -2,6 +2,9 @@
 //
 //   y[n, i*s:(i+1)*s] += scale[t] * sum_j v[n, j] * pool_b[idx_b[t, j, i]]
 //
+// (idx[t, j, i] short for tenant t's table entry, its row base added when the
+// side has a shared-table map: tenant_side in common.cuh.)
+//
 // Work decomposition: one block per item (at most BM tokens of one segment) x
 // one tile of BN output columns. The rank dimension runs in chunks of RB: the
 // scaled v tile [BM, RB] and the gathered B tile [RB, BN] (B[j, c] =
@@ -24,7 +27,8 @@ struct ExpandSmem {
 
 // y[it.n0 + nn, c0 + c] += sum_j (vscale * vsrc[nn * v_ld + j]) * B[j, c0 + c]
 // for nn < m, c < BN, c0 + c < o. vsrc may point to global or shared memory
-// (rows of the item's tokens). Block-wide; starts with __syncthreads.
+// (rows of the item's tokens). B is the item's tenant view (tenant_side<PT>(side,
+// it.t)): B.idx is the tenant's table. Block-wide; starts with __syncthreads.
 template <typename XT, typename PT, typename AT>
 __device__ void expand_tile(XT* __restrict__ y, int64_t y_stride, const AT* vsrc, int64_t v_ld, AT vscale,
                             const SideArgs& B, const ItemInfo& it, int64_t c0, ExpandSmem<AT>& sm) {
@@ -37,7 +41,7 @@ __device__ void expand_tile(XT* __restrict__ y, int64_t y_stride, const AT* vsrc
   const int m = it.n1 - it.n0;
   const int64_t s = B.s, l = B.l, o = l * s, r = B.r;
   const PT* pool = static_cast<const PT*>(B.pool);
-  const int32_t* tab = B.idx + static_cast<int64_t>(it.t) * r * l;
+  const int32_t* tab = B.idx;  // the tenant's table [r, l]
 
   AT acc[Q];
 #pragma unroll
@@ -113,8 +117,9 @@ __global__ void __launch_bounds__(kSgmvThreads)
   const AT sc = static_cast<AT>(scale[it.t]);
   const AT* vrows = v + static_cast<int64_t>(it.n0) * v_stride;
   const int64_t tiles = (B.l * B.s + BN - 1) / BN;
+  const SideArgs Bt = tenant_side<PT>(B, it.t);
   for (int64_t ct = blockIdx.y; ct < tiles; ct += gridDim.y)
-    expand_tile<XT, PT, AT>(y, y_stride, vrows, v_stride, sc, B, it, ct * BN, sm);
+    expand_tile<XT, PT, AT>(y, y_stride, vrows, v_stride, sc, Bt, it, ct * BN, sm);
 }
 
 }  // namespace gpu

@@ -18,6 +18,10 @@ constexpr int64_t kFastTargetBlocks = 256;  // fused: split output columns below
 // Why a side cannot take the fast path (nullptr: it can).
 const char* side_blocker(DType act, const Table& t, bool needs_smem_rank) {
   if (t.pool_dtype != act && t.pool_dtype != DType::F32) return "pool dtype is neither the activation dtype nor fp32";
+  // s % 8 == 0 with 2- or 4-byte pool elements also makes every pool row a
+  // 16-byte multiple, so the kernels' tenant views (the pool advanced by a
+  // shared-table map's row base, tenant_side in common.cuh) keep the pool's
+  // 16-byte alignment.
   if (t.s <= 0 || t.s % 8 != 0) return "shard length is not a multiple of 8";
   if (!aligned16(t.pool)) return "pool is not 16-byte aligned";
   if (t.l * t.s > kInt32Max || t.r * t.l > kInt32Max || t.P > kInt32Max) return "dimensions beyond 32-bit indexing";

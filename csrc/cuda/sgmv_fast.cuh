@@ -42,7 +42,8 @@ constexpr int kFastMaxRank = 1024;                  // v tile kFastBM x r fp32 i
 
 enum FastMode : int { kFastFused = 0, kFastShrink = 1, kFastExpand = 2 };
 
-// v rows of the item for rank passes [pass0, pass1): out[q * out_ld + j].
+// v rows of the item for rank passes [pass0, pass1): out[q * out_ld + j]. A is
+// the item's tenant view (tenant_side<PA>(side, it.t)).
 template <typename XT, typename PA>
 __device__ __forceinline__ void fast_shrink(const XT* __restrict__ x, int64_t x_stride, const SideArgs& A,
                                             const ItemInfo& it, int pass0, int pass1, float* out, int64_t out_ld) {
@@ -51,9 +52,9 @@ __device__ __forceinline__ void fast_shrink(const XT* __restrict__ x, int64_t x_
   const int s = static_cast<int>(A.s), l = static_cast<int>(A.l), r = static_cast<int>(A.r);
   const int nchunks = (l * s) >> 3;
   const PA* __restrict__ pool = static_cast<const PA*>(A.pool);
-  const int32_t* __restrict__ tab = A.idx + static_cast<int64_t>(it.t) * r * l;
+  const int32_t* __restrict__ tab = A.idx;  // the tenant's table [r, l]
   const XT* xrow = x + static_cast<int64_t>(it.n0) * x_stride;
-  const int P = static_cast<int>(A.P);  // host: P <= INT32_MAX
+  const int P = static_cast<int>(A.P);  // the view's rows; host: P <= INT32_MAX
   for (int pass = pass0; pass < pass1; ++pass) {
     const int jb = pass * kFastPassRows + warp;
     if (jb >= r) break;  // warp-uniform; no block barrier below
@@ -114,7 +115,7 @@ __device__ __forceinline__ void fast_shrink(const XT* __restrict__ x, int64_t x_
 }
 
 // y[it.n0 + q, 8c .. 8c+8) += sc * sum_j vs[q * r + j] * B[j, 8c .. 8c+8) for this
-// block's chunks c.
+// block's chunks c. B is the item's tenant view (tenant_side<PB>(side, it.t)).
 template <typename XT, typename PB>
 __device__ __forceinline__ void fast_expand(XT* __restrict__ y, int64_t y_stride, const float* vs, int r, float sc,
                                             const SideArgs& B, const ItemInfo& it) {
@@ -122,7 +123,7 @@ __device__ __forceinline__ void fast_expand(XT* __restrict__ y, int64_t y_stride
   const int s = static_cast<int>(B.s), l = static_cast<int>(B.l);
   const int ochunks = (l * s) >> 3;
   const PB* __restrict__ pool = static_cast<const PB*>(B.pool);
-  const int32_t* __restrict__ tab = B.idx + static_cast<int64_t>(it.t) * r * l;
+  const int32_t* __restrict__ tab = B.idx;  // the tenant's table [r, l]
   const int P = static_cast<int>(B.P);
   XT* yrow = y + static_cast<int64_t>(it.n0) * y_stride;
   for (int c = blockIdx.y * kFastThreads + threadIdx.x; c < ochunks; c += gridDim.y * kFastThreads) {
@@ -181,8 +182,9 @@ __global__ void __launch_bounds__(kFastThreads)
   if (MODE == kFastShrink) {
     // grid.y splits the rank passes
     const int passes = static_cast<int>((A.r + kFastPassRows - 1) / kFastPassRows);
+    const SideArgs At = tenant_side<PA>(A, it.t);
     for (int ps = blockIdx.y; ps < passes; ps += gridDim.y)
-      fast_shrink<XT, PA>(x, x_stride, A, it, ps, ps + 1, v + static_cast<int64_t>(it.n0) * v_stride, v_stride);
+      fast_shrink<XT, PA>(x, x_stride, At, it, ps, ps + 1, v + static_cast<int64_t>(it.n0) * v_stride, v_stride);
     return;
   }
   const int r = static_cast<int>(B.r);
@@ -191,7 +193,8 @@ __global__ void __launch_bounds__(kFastThreads)
     // rows q >= m of vs stay unwritten and are never read with a nonzero weight: zero them
     for (int e = threadIdx.x; e < kFastBM * r; e += kFastThreads) vs[e] = 0.f;
     __syncthreads();
-    fast_shrink<XT, PA>(x, x_stride, A, it, 0, (r + kFastPassRows - 1) / kFastPassRows, vs, r);
+    fast_shrink<XT, PA>(x, x_stride, tenant_side<PA>(A, it.t), it, 0, (r + kFastPassRows - 1) / kFastPassRows, vs,
+                        r);
   } else {
     for (int e = threadIdx.x; e < kFastBM * r; e += kFastThreads) {
       const int q = e / r, j = e - q * r;
@@ -199,7 +202,7 @@ __global__ void __launch_bounds__(kFastThreads)
     }
   }
   __syncthreads();
-  fast_expand<XT, PB>(y, y_stride, vs, r, scale[it.t], B, it);
+  fast_expand<XT, PB>(y, y_stride, vs, r, scale[it.t], tenant_side<PB>(B, it.t), it);
 }
 
 }  // namespace gpu

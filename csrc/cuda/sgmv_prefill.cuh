@@ -145,19 +145,22 @@ struct PfItem {
 };
 
 // One side (A or B) as the item's tenant t gathers it: the matrix
-// G[j, col] = pool[tab[j * l + col / s], col % s] of `width` = l * s columns.
+// G[j, col] = pool[tab[j * l + col / s], col % s] of `width` = l * s columns,
+// from the tenant's view of the side (tenant_side: its table, the pool from
+// its row base on, P the rows from there).
 template <typename PT>
 struct PfSide {
   const PT* pool;
   const int32_t* tab;  // the tenant's table [r, l]
   int s, l, P, width;
-  __device__ __forceinline__ PfSide(const SideArgs& S, int t, int r)
-      : pool(static_cast<const PT*>(S.pool)),
-        tab(S.idx + static_cast<int64_t>(t) * r * static_cast<int>(S.l)),
-        s(static_cast<int>(S.s)),
-        l(static_cast<int>(S.l)),
-        P(static_cast<int>(S.P)),
+  __device__ __forceinline__ explicit PfSide(const SideArgs& V)
+      : pool(static_cast<const PT*>(V.pool)),
+        tab(V.idx),
+        s(static_cast<int>(V.s)),
+        l(static_cast<int>(V.l)),
+        P(static_cast<int>(V.P)),
         width(s * l) {}
+  __device__ __forceinline__ PfSide(const SideArgs& S, int t) : PfSide(tenant_side<PT>(S, t)) {}
 };
 
 // 16-byte groups of 8 columns of a gathered row, as cp.async copies:
@@ -213,7 +216,7 @@ __device__ __forceinline__ void pf_shrink(const XT* __restrict__ x, int64_t x_st
   constexpr int kSplitK = kPfMaxRank * kPfLdK;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int m = pi.m, r = pi.r, r16 = pi.r16, rows_a = r16 * 16;
-  const PfSide<PA> ga(A, pi.t, r);
+  const PfSide<PA> ga(A, pi.t);
   const int h = ga.width;
   const XT* xrow = x + static_cast<int64_t>(pi.n0) * x_stride;
   XT* const xs = sm.xs;
@@ -305,7 +308,7 @@ __device__ __forceinline__ void pf_expand(XT* __restrict__ y, int64_t y_stride, 
   constexpr int kSplitN = kPfMaxRank * kPfLdN;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int m = pi.m, r = pi.r, r16 = pi.r16, rows_a = r16 * 16;
-  const PfSide<PB> gb(B, pi.t, r);
+  const PfSide<PB> gb(B, pi.t);
   const int o = gb.width;
   XT* yrow = y + static_cast<int64_t>(pi.n0) * y_stride;
   PB* const bs = sm.bs;

@@ -2,6 +2,9 @@
 //
 //   v[n, j] = sum_i <x[n, i*s:(i+1)*s], pool_a[idx_a[t, j, i]]>
 //
+// (idx[t, j, i] short for tenant t's table entry, its row base added when the
+// side has a shared-table map: tenant_side in common.cuh.)
+//
 // Work decomposition: one block per item (a tile of at most BM tokens of one
 // segment, found on the device by locate_item) x one range of rank rows. The
 // reduction over h = l * s runs in chunks of BK columns: the x tile [BM, BK] and
@@ -30,8 +33,9 @@ struct ShrinkSmem {
 };
 
 // vs[nn * ld + (j - jb)] = v[it.n0 + nn, j] for nn < BM, j in [jb, je) (rows
-// nn >= m are zero). Block-wide; ends with __syncthreads (vs is then readable
-// by every thread and `sm` may be reused).
+// nn >= m are zero). A is the item's tenant view (tenant_side<PT>(side, it.t)):
+// A.idx is the tenant's table. Block-wide; ends with __syncthreads (vs is then
+// readable by every thread and `sm` may be reused).
 template <typename XT, typename PT, typename AT>
 __device__ void shrink_tile(const XT* __restrict__ x, int64_t x_stride, const SideArgs& A, const ItemInfo& it,
                             int jb, int je, AT* vs, int ld, ShrinkSmem<AT>& sm) {
@@ -42,7 +46,7 @@ __device__ void shrink_tile(const XT* __restrict__ x, int64_t x_stride, const Si
   const int m = it.n1 - it.n0;
   const int64_t s = A.s, l = A.l, h = l * s;
   const PT* pool = static_cast<const PT*>(A.pool);
-  const int32_t* tab = A.idx + static_cast<int64_t>(it.t) * A.r * l;
+  const int32_t* tab = A.idx;  // the tenant's table [r, l]
 
   for (int j0 = jb; j0 < je; j0 += RA)
     if (j0 + jj < je) vs[nn * ld + (j0 + jj - jb)] = AT(0);  // owned by this thread
@@ -104,7 +108,7 @@ __global__ void __launch_bounds__(kSgmvThreads)
   if (it.n0 >= it.n1) return;  // uniform: no such item
   const int jb = blockIdx.y * kShrinkRanks;
   const int je = static_cast<int>(A.r < jb + kShrinkRanks ? A.r : jb + kShrinkRanks);
-  shrink_tile<XT, PT, AT>(x, x_stride, A, it, jb, je, vs, kShrinkRanks, sm);
+  shrink_tile<XT, PT, AT>(x, x_stride, tenant_side<PT>(A, it.t), it, jb, je, vs, kShrinkRanks, sm);
   const int m = it.n1 - it.n0, w = je - jb;
   for (int e = threadIdx.x; e < m * w; e += kSgmvThreads) {
     const int nn = e / w, jj = e % w;

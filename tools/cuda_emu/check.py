@@ -18,7 +18,7 @@ def segs(N, S, T, gen, bogus=False):
     return torch.tensor(ptr, dtype=torch.int32), torch.tensor(ten, dtype=torch.int32)
 
 def table(T, r, l, P, gen, bogus=False):
-    idx = torch.randint(0, P, (T, r, l), generator=gen, dtype=torch.int32)
+    idx = torch.randint(0, max(P, 1), (T, r, l), generator=gen, dtype=torch.int32)
     for t in range(T):
         k = int(torch.randint(1, r + 1, (1,), generator=gen))
         idx[t, k:] = -1
@@ -37,7 +37,24 @@ def close(a, b, dt, what):
     err = ((a - b).abs() / (1 + b.abs())).max().item() if a.numel() else 0.0
     assert err <= TOL[dt], f"{what}: err {err}"
 
-def run(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus):
+def shared(idx, P, T, gen, bogus=False):
+    """Shared-table form of idx [U, r, l] (entries in [0, P)): (tables with entries relative
+    to a block of Q = ceil(P / 2) rows, map [T, 2] = (table, base) with base + entry < P);
+    bogus: some rows name no table, a base outside [0, P], or one that puts entries past P."""
+    U = idx.shape[0]
+    Q = (P + 1) // 2
+    tabs = torch.where(idx >= 0, idx % Q, idx).to(torch.int32)
+    u = torch.randint(0, U, (T,), generator=gen)
+    base = torch.randint(0, P - Q + 1, (T,), generator=gen)
+    m = torch.stack([u, base], 1).to(torch.int32)
+    if bogus:
+        k = torch.rand(T, generator=gen) < 0.4
+        m[k, 0] = torch.randint(-2, U + 3, (int(k.sum()),), generator=gen, dtype=torch.int32)
+        k = torch.rand(T, generator=gen) < 0.4
+        m[k, 1] = torch.randint(-3, P + 3, (int(k.sum()),), generator=gen, dtype=torch.int32)
+    return tabs, m.contiguous()
+
+def run(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus, maps=False):
     gen = torch.Generator().manual_seed(seed)
     (l_a, s_a), (l_b, s_b) = h_l, o_l
     h, o = l_a * s_a, l_b * s_b
@@ -49,24 +66,34 @@ def run(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus):
     ia, ib = table(T, r, l_a, P_a, gen, bogus), table(T, r, l_b, P_b, gen, bogus)
     sc = (torch.rand(T, generator=gen) + 0.5).float()
     ip, tn = segs(N, S, T, gen, bogus)
+    if maps:  # T tenants on U = T tables (some shared, some unused), each with a row base
+        (ia, ma), (ib, mb) = shared(ia, P_a, T, gen, bogus), shared(ib, P_b, T, gen, bogus)
+        mb[:, 0] = ma[:, 0]
+        kw_a, kw_b = dict(map_a=ma), dict(map_b=mb)
+    else:
+        kw_a, kw_b = {}, {}
     mos_ext.set_index_checks(not bogus); E.set_index_checks(not bogus)
     # shrink
-    v_cpu = torch.ops.mos.sgmv_shrink(x, pa, ia, ip, tn)
-    v_emu = E.sgmv_shrink(x, pa, ia, ip, tn)
+    v_cpu = torch.ops.mos.sgmv_shrink(x, pa, ia, ip, tn, **kw_a)
+    v_emu = E.sgmv_shrink(x, pa, ia, ip, tn, **kw_a)
     close(v_emu, v_cpu, dt, "shrink")
     # expand
     vv = v_cpu.clone()
     ye, yc = y0.clone(), y0.clone()
-    E.sgmv_expand(ye, vv, pb, ib, sc, ip, tn); torch.ops.mos.sgmv_expand(yc, vv, pb, ib, sc, ip, tn)
+    E.sgmv_expand(ye, vv, pb, ib, sc, ip, tn, **kw_b); torch.ops.mos.sgmv_expand(yc, vv, pb, ib, sc, ip, tn, **kw_b)
     close(ye, yc, dt, "expand")
     untouched = (yc == y0).all(1) & (ye == y0).all(1)
     # fused
     if ia.shape[:2] == ib.shape[:2]:
         ye, yc = y0.clone(), y0.clone()
-        E.sgmv(ye, x, pa, pb, ia, ib, sc, ip, tn); torch.ops.mos.sgmv(yc, x, pa, pb, ia, ib, sc, ip, tn)
+        E.sgmv(ye, x, pa, pb, ia, ib, sc, ip, tn, **kw_a, **kw_b)
+        torch.ops.mos.sgmv(yc, x, pa, pb, ia, ib, sc, ip, tn, **kw_a, **kw_b)
         close(ye, yc, dt, "sgmv")
         same_rows = (yc == y0).all(1)
         assert torch.equal(ye[same_rows], y0[same_rows]), "sgmv touched rows outside segments"
+    if maps:  # gather and shard_grad take per-tenant tables only
+        mos_ext.set_index_checks(True); E.set_index_checks(True)
+        return
     # gather
     close(E.gather_shards(pa, ia), torch.ops.mos.gather_shards(pa, ia), dt, "gather")
     # shard_grad
@@ -95,7 +122,8 @@ for seed in range(int(sys.argv[1]) if len(sys.argv) > 1 else 20):
     T = rnd.choice([1, 2, 5])
     S = rnd.choice([0, 1, 3, 7])
     bogus = rnd.random() < 0.3
-    print(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus, flush=True)
-    run(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus)
+    maps = rnd.random() < 0.4  # shared tables (map_a / map_b)
+    print(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus, maps, flush=True)
+    run(seed, dt, pdt, N, h_l, o_l, r, T, S, bogus, maps)
     cases += 1
 print("ok", cases, time.time() - t0)
