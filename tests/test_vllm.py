@@ -513,6 +513,33 @@ def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, world_tp2, ex
           [loaded[k][:5] for k in (0, 1)])
 
 
+def test_tp2_refusal_on_one_rank_changes_no_rank(world, world_tp2, expected, tmp_path):
+    """An adapter whose share fits rank 1's bound but not rank 0's (U.write_uneven_adapter) is refused with a
+    400 naming the bound, and no rank ever holds it (the ranks agree before either store changes); an in-place
+    reload of a served adapter from that directory is refused the same way and both ranks keep serving the old
+    contents (greedy tokens as before), never a mix of old on one rank and new on the other."""
+    srv, c = world_tp2["srv"], world_tp2["client"]
+    uneven, gina = str(tmp_path / "uneven"), str(tmp_path / "gina")
+    U.write_uneven_adapter(world["cfg"], uneven)
+    U.write_mos_adapter(world["cfg"], CONFIGS["alice"], gina, seed=70)
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "uneven", "lora_path": uneven})
+    assert st == 400 and "may use at most" in str(body) and "gate_proj" in str(body), (st, body)
+    assert not _store_lines(srv, "loaded 'uneven'"), "a rank committed a refused adapter"
+    want = _reference_tokens(world["base"], gina, PROMPTS[:2])
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "gina", "lora_path": gina})
+    assert st == 200, body
+    assert [complete(c, "gina", p) for p in PROMPTS[:2]] == want
+    n = len(_store_lines(srv, "loaded 'gina'"))
+    assert n == 2, srv.tail(40)  # one line per rank
+    st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "gina", "lora_path": uneven, "load_inplace": True})
+    assert st == 400 and "may use at most" in str(body), (st, body)
+    assert len(_store_lines(srv, "loaded 'gina'")) == n, "a rank committed the refused reload"
+    assert [complete(c, "gina", p) for p in PROMPTS[:2]] == want
+    st, body = srv.post("/v1/unload_lora_adapter", {"lora_name": "gina"})
+    assert st == 200, body
+    assert complete(c, "alice", PROMPTS[0]) == expected[("alice", 0)]
+
+
 def test_load_under_fire_tp2(world_tp2, fire, expected):
     """The same storm against the TP 2 server (both ranks' stores load, unload, evict and refuse together)."""
     rep = _under_fire(world_tp2["srv"], fire, expected)

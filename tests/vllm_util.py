@@ -90,6 +90,26 @@ def write_mos_adapter(base_cfg, cfg, out_dir, seed, safe=True):
     return pm.eval()
 
 
+def write_uneven_adapter(base_cfg, out_dir, seed=60):
+    """A MoS adapter on gate_proj (r=32, e=12, l=8) whose B tables use their first four slots as drawn
+    (~300 distinct pool rows) and only row 0 in the last four: at TP 2 (B cut by output) rank 0's share
+    needs ~630 store rows of gate_proj B and rank 1's 2, so with the test servers' 1.5 MiB store and
+    --max-loras 2 (534 rows per adapter per rank at TP 2) rank 0 refuses it and rank 1 would not.
+    It fits at TP 1 (~310 of 384)."""
+    from safetensors.torch import load_file, save_file
+
+    from mos_ext import MoSConfig
+
+    write_mos_adapter(base_cfg, MoSConfig(r=32, equivalent_rank=12, shards_per_vector=8, private_rank=0,
+                                          lora_alpha=32, target_modules=["gate_proj"], seed=7), out_dir, seed=seed)
+    f = os.path.join(out_dir, "adapter_model.safetensors")
+    t = load_file(f)
+    for k in t:
+        if k.endswith("gate_proj.mos_idx_b"):
+            t[k][..., 4:] = 0
+    save_file(t, f, metadata={"format": "pt"})
+
+
 def write_peft_lora(base_cfg, out_dir, seed, r=8, targets=ALL7, alpha=16):
     import peft
 

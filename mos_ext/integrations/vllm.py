@@ -218,6 +218,9 @@ class _Tenants:
         if store.max_tenants < self.max_loras:
             raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TENANTS={store.max_tenants} is below "
                                   f"--max-loras {self.max_loras}: one batch's adapters would not fit")
+        if store.max_tables < self.max_loras:
+            raise MoSAdapterError(f"{ERROR_PREFIX}s: MOS_EXT_VLLM_MAX_TABLES={store.max_tables} is below "
+                                  f"--max-loras {self.max_loras}: one batch's adapters may need that many tables")
         self.plans: Dict[int, object] = {}  # vLLM lora id -> its store plan, in host memory (reload source)
         self.paths: Dict[int, Tuple[str, str]] = {}  # vLLM lora id -> (name, directory)
         self.lru: "OrderedDict[int, None]" = OrderedDict()  # resident ids, oldest first
@@ -230,11 +233,20 @@ class _Tenants:
     def load(self, lora_id: int, name: str, path: str, *, replace: bool, pinned=()) -> int:
         """Load ``path`` as vLLM adapter ``lora_id``; returns its rank. Evicts LRU tenants for room."""
         with self.lock:
+            plan = self.prepare(lora_id, name, path, replace=replace)
+            return self.store.info(self.key(lora_id))["rank"] if plan is None else \
+                self.commit(lora_id, name, path, plan, pinned=pinned)
+
+    def prepare(self, lora_id: int, name: str, path: str, *, replace: bool):
+        """Phase 1 of a load, nothing changed: the adapter's plan for this worker's store (read,
+        validated, converted, checked against the share bound), or ``None`` when it is resident
+        and not replaced. Raises :class:`MoSAdapterError` naming the problem."""
+        with self.lock:
             key = self.key(lora_id)
             if key in self.store and not replace:
                 self.lru.move_to_end(lora_id)
                 self.paths[lora_id] = (name, path)
-                return self.store.info(key)["rank"]
+                return None
             if not replace and lora_id in self.plans:  # evicted earlier: back from the host copy
                 plan = self.plans[lora_id]
             else:
@@ -243,30 +255,66 @@ class _Tenants:
                 except (ValueError, TypeError, KeyError, OSError) as e:
                     raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: {e}") from None
             self._check_share(plan, name, path)
+            return plan
+
+    def commit(self, lora_id: int, name: str, path: str, plan, *, pinned=()) -> int:
+        """Phase 2: the plan goes into the store (an in-place reload replaces the old contents),
+        evicting least recently used tenants for room. Cannot fail for room once :meth:`prepare`
+        passed (each adapter takes at most 1/max_loras of every pool); if it ever does, the old
+        contents are put back (a reload) and the error is raised."""
+        with self.lock:
+            key = self.key(lora_id)
+            old = self.plans.get(lora_id) if key in self.store else None
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
                 self.lru.pop(lora_id, None)
-            keep = (set(self._pinned()) | set(pinned)) - {lora_id}
-            while True:
-                try:
-                    self.store.load(key, plan)
-                    break
-                except CapacityError as e:
-                    victim = next((i for i in self.lru if i not in keep), None)
-                    if victim is None:
-                        raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: beyond the store's capacity even "
-                                              f"with every evictable tenant evicted: {e} (raise "
-                                              f"MOS_EXT_VLLM_CAPACITY_MB / MOS_EXT_VLLM_MAX_TENANTS)") from None
-                    self.store.unload(self.key(victim))
-                    self.lru.pop(victim)
-                    self.evictions += 1
-                    _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
-                                "from its host copy when requested", self.paths[victim][0], name)
+            try:
+                self._fit(key, plan, name, path, (set(self._pinned()) | set(pinned)) - {lora_id})
+            except MoSAdapterError:
+                if old is not None:
+                    self._fit(key, old, name, path, set(self._pinned()) - {lora_id})
+                    self.lru[lora_id] = None
+                raise
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
             self.plans[lora_id] = plan
             self.log_stats(f"loaded {name!r}")
             return plan.rank
+
+    def revert(self, lora_id: int, resident: bool, old_plan, old_path) -> None:
+        """Undo a committed load (another rank could not commit): what this worker had before — the
+        previous contents resident, the host copy only (an evicted adapter), or nothing (a new one)."""
+        with self.lock:
+            key = self.key(lora_id)
+            if key in self.store:
+                self.store.unload(key)
+            self.lru.pop(lora_id, None)
+            for d, v in ((self.plans, old_plan), (self.paths, old_path)):
+                if v is None:
+                    d.pop(lora_id, None)
+                else:
+                    d[lora_id] = v
+            if resident and old_plan is not None:
+                self._fit(key, old_plan, old_path[0], old_path[1], set(self._pinned()) - {lora_id})
+                self.lru[lora_id] = None
+
+    def _fit(self, key, plan, name, path, keep) -> None:
+        while True:
+            try:
+                self.store.load(key, plan)
+                return
+            except CapacityError as e:
+                victim = next((i for i in self.lru if i not in keep), None)
+                if victim is None:
+                    raise MoSAdapterError(f"{ERROR_PREFIX} {name!r} at {path}: beyond the store's capacity even "
+                                          f"with every evictable tenant evicted: {e} (raise "
+                                          f"MOS_EXT_VLLM_CAPACITY_MB / MOS_EXT_VLLM_MAX_TENANTS / "
+                                          f"MOS_EXT_VLLM_MAX_TABLES)") from None
+                self.store.unload(self.key(victim))
+                self.lru.pop(victim)
+                self.evictions += 1
+                _log().info("mos_ext: evicted adapter %r (least recently used) to make room for %r; it reloads "
+                            "from its host copy when requested", self.paths[victim][0], name)
 
     def _share(self, path: str):
         """What this worker reads: the directory (TP 1), or this rank's share of the adapter (TP > 1)."""
@@ -362,7 +410,7 @@ class _Runtime:
             module = manager.modules[name]
             module._mos_runtime = self
             module._mos_slices = [st.sgmv_slice(path, off, size) for path, off, size in entries if path in st.layers]
-        tp = max((int(getattr(manager.modules[n], "tp_size", 1)) for n in self.layer_slices), default=1)
+        self.tp = tp = max((int(getattr(manager.modules[n], "tp_size", 1)) for n in self.layer_slices), default=1)
         rank = max((int(getattr(manager.modules[n], "tp_rank", 0)) for n in self.layer_slices), default=0)
         self.tenants = _Tenants(self.store, cfg.max_loras,
                                 lambda: {i for i in manager.lora_index_to_id if i is not None},
@@ -373,7 +421,46 @@ class _Runtime:
             set_index_checks(False)
 
     def load(self, lora_id: int, name: str, path: str, *, replace: bool) -> int:
-        return self.tenants.load(lora_id, name, path, replace=replace)
+        """A load vLLM asked for (``add_lora``, run by every rank). TP 1: :meth:`_Tenants.load`. TP > 1: two
+        phases with the ranks agreeing between them, so that a load one rank refuses (its share is over the
+        bound, or cannot be read) changes no rank, and an in-place reload never leaves ranks serving
+        different contents: every rank prepares (nothing changed), the ranks exchange their outcome, all
+        raise the first refusal or all commit; a commit that fails on a rank is undone on every rank."""
+        t = self.tenants
+        if self.tp == 1:
+            return t.load(lora_id, name, path, replace=replace)
+        with t.lock:
+            err, plan = "", None
+            try:
+                plan = t.prepare(lora_id, name, path, replace=replace)
+            except MoSAdapterError as e:
+                err = str(e)
+            first = self._agree(err)
+            if first:
+                raise MoSAdapterError(first if err else f"{first} (refused on another tensor-parallel rank)")
+            # every rank takes part in the second exchange, also one with nothing to commit (the adapter is
+            # resident here, while another rank's store evicted it and reloads it from its host copy)
+            old = (t.key(lora_id) in t.store, t.plans.get(lora_id), t.paths.get(lora_id))
+            err, rank = "", None
+            try:
+                rank = t.store.info(t.key(lora_id))["rank"] if plan is None else t.commit(lora_id, name, path, plan)
+            except MoSAdapterError as e:
+                err = str(e)
+            first = self._agree(err)
+            if first:
+                if not err and plan is not None:  # committed here, failed elsewhere: back to what every rank had
+                    t.revert(lora_id, *old)
+                raise MoSAdapterError(first)
+            return rank
+
+    def _agree(self, err: str) -> str:
+        """Every TP rank's outcome of one phase (an error message or ""); returns the first rank's error, or ""."""
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        out = [None] * self.tp
+        dist.all_gather_object(out, err, group=get_tp_group().cpu_group)
+        return next((e for e in out if e), "")
 
     def set_mapping(self, index_mapping) -> None:
         """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""

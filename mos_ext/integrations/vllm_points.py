@@ -33,7 +33,7 @@ class PatchPoint:
     (names in order, ``*`` marks keyword-only from there), async or not, and why the plugin needs it."""
 
     file: str
-    cls: str
+    cls: str  # "" for a module-level function
     method: str
     params: Tuple[str, ...]
     is_async: bool
@@ -67,6 +67,8 @@ POINTS: Tuple[PatchPoint, ...] = (
                "the API server's engine client tells every worker to remove an adapter", True),
     PatchPoint("lora/lora_model.py", "LoRAModel", "__init__", ("self", "lora_model_id", "rank", "loras"), False,
                "the weightless placeholder handed to vLLM", True),
+    PatchPoint("distributed/parallel_state.py", "", "get_tp_group", (), False,
+               "TP > 1: the ranks agree on an adapter load (its .cpu_group) before any store changes", True),
     PatchPoint("lora/lora_weights.py", "LoRALayerWeights", "__init__",
                ("self", "module_name", "rank", "lora_alpha", "lora_a", "lora_b"), False,
                "the placeholder's one (unmatched) module entry", True),
@@ -186,13 +188,17 @@ def check_source(root: str, version: Optional[str] = None) -> List[str]:
         t = tree(p.file)
         if t is None:
             continue
-        cls = _classes(t).get(p.cls)
-        if cls is None:
-            problems.append(f"vllm/{p.file}: class {p.cls} is gone (needed: {p.why})")
-            continue
-        fn = _methods(cls).get(p.method)
+        if p.cls:
+            cls = _classes(t).get(p.cls)
+            if cls is None:
+                problems.append(f"vllm/{p.file}: class {p.cls} is gone (needed: {p.why})")
+                continue
+            fn = _methods(cls).get(p.method)
+        else:  # a module-level function
+            fn = next((n for n in t.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       and n.name == p.method), None)
         if fn is None:
-            problems.append(f"vllm/{p.file}: {p.cls}.{p.method} is gone (needed: {p.why})")
+            problems.append(f"vllm/{p.file}: {p.cls + '.' if p.cls else ''}{p.method} is gone (needed: {p.why})")
             continue
         got = _params(fn)
         if p.called and got[:len(p.params)] == p.params:
