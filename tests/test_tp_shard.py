@@ -9,7 +9,7 @@ import torch
 
 from mos_ext.adapter_io import AdapterSpec, Side, read_adapter
 from mos_ext.batch import add_sgmv, build_segments
-from mos_ext.integrations.tp_shard import shard_spec, share_rows
+from mos_ext.integrations.tp_shard import shard_spec
 from mos_ext.serving import AdapterStore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +36,21 @@ def synthetic(in_f=96, out_f=48, s_a=24, s_b=12, r=3, seed=0):
         ib = torch.randint(-1, 5, (r, out_f // s_b), generator=g)
         layers[name] = (Side(pa, ia), Side(pb, ib))
     return AdapterSpec(kind="mos", rank=r, scale=0.5, layers=layers)
+
+
+def share_rows(spec, ranges=None):
+    """Pool features a rank's share uses per side ("A", "B"): distinct (pool row, piece) features its
+    tables reference, shared pools counted once. ``ranges=None``: the whole adapter."""
+    share = shard_spec(spec, ranges or {})
+    out = {}
+    for col, side in ((0, "A"), (1, "B")):
+        seen = {}
+        for sides in share.layers.values():
+            sd = sides[col]
+            used = seen.setdefault(id(sd.pool), (sd.pool.shape[1], set()))[1]
+            used.update(int(i) for i in sd.idx.reshape(-1).tolist() if i >= 0)
+        out[side] = sum(width * len(rows) for width, rows in seen.values())
+    return out
 
 
 @pytest.mark.parametrize("side,tp", [("B", 3), ("A", 3), ("B", 2), ("A", 2)])

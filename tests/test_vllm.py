@@ -513,6 +513,32 @@ def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, world_tp2, ex
           [loaded[k][:5] for k in (0, 1)])
 
 
+def test_tensor_parallel_4_replicated_kv_heads_equals_multitenant_model(world, expected):
+    """--tensor-parallel-size 4 on the 4-head, 2-KV-head base: vLLM replicates each KV head on two ranks (the
+    k/v output slices of ranks 0/1 and 2/3 are the same features), so a rank's k/v share is cut by its KV head,
+    not its rank. Greedy tokens of MoS (all 7 and q/v/gate only, tied tables), MiSS and PEFT LoRA tenants and
+    base rows in mixed concurrent batches equal MultiTenantModel; four worker processes on two cores."""
+    dirs = world["dirs"]
+    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"]),
+                                       ("dave", dirs["dave"])],
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
+                   env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
+                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1"},
+                   log_path=str(world["srv"].log_path) + ".tp4", extra=["--tensor-parallel-size", "4"])
+    try:
+        srv.wait_ready(timeout=600)
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300, max_retries=0)
+        jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "dave"] for i in range(len(PROMPTS))]
+        with cf.ThreadPoolExecutor(8) as ex:
+            futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
+            for f in cf.as_completed(futs):
+                assert f.result() == expected[futs[f]], futs[f]
+        ranks = {r[0] for r in _store_lines(srv, "loaded 'alice'")}
+        assert ranks == {0, 1, 2, 3}, srv.tail(80)
+    finally:
+        srv.stop()
+
+
 def test_tp2_refusal_on_one_rank_changes_no_rank(world, world_tp2, expected, tmp_path):
     """An adapter whose share fits rank 1's bound but not rank 0's (U.write_uneven_adapter) is refused with a
     400 naming the bound, and no rank ever holds it (the ranks agree before either store changes); an in-place

@@ -107,6 +107,12 @@ def test_evicted_here_resident_there_takes_part_in_both_exchanges(dirs):
     copy kept (the adapter stays registered, evicted)."""
     rt, script = runtime(dirs, ["", ""])
     rt.load(1, "x", dirs["v1"], replace=False)
+    assert rt.tenants.plans[1].spec.layers == {}  # the host copy keeps rows and tables, not the source adapter
+    rt.store.unload("vllm-1")
+    rt.tenants.lru.pop(1)
+    script += ["", ""]
+    rt.load(1, "x", dirs["v1"], replace=False)  # back from the host copy
+    assert "vllm-1" in rt.store and not script
     rt.store.unload("vllm-1")
     rt.tenants.lru.pop(1)
     script += ["", "mos_ext adapter 'x': over there"]

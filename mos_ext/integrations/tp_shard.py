@@ -18,18 +18,18 @@ a boundary (in one layer, or in several layers that share the pool) is needed by
 held by both. Per rank, the sliced side takes about ``1 - (1 - 1/tp)^u`` of its rows for a row used
 ``u`` times at random positions (MoS with ``e = 2``, ``r = 4``: ~3/4 at TP 2); plain LoRA rows
 (``l = 1``, one use) divide exactly. The whole side (A of column layers, B of row layers) is held
-by every rank, as in vLLM. :func:`share_rows` counts the rows a rank keeps.
+by every rank, as in vLLM.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 
 from ..adapter_io import AdapterSpec, Side, split_table
 
-__all__ = ["shard_spec", "share_rows"]
+__all__ = ["shard_spec"]
 
 # path -> (side "A" | "B", start feature, features) of the rank's range; a path absent: kept whole
 Ranges = Mapping[str, Tuple[str, int, int]]
@@ -76,18 +76,3 @@ def shard_spec(spec: AdapterSpec, ranges: Ranges) -> AdapterSpec:
             raise ValueError(f"{path}: range side must be 'A' or 'B', got {side!r}")
     return AdapterSpec(kind=spec.kind, rank=spec.rank, scale=spec.scale, layers=layers, config=spec.config,
                        types=dict(spec.types), source=spec.source, type_dims={})
-
-
-def share_rows(spec: AdapterSpec, ranges: Optional[Ranges] = None) -> Dict[str, int]:
-    """Pool features a rank's share uses per side (``"A"``, ``"B"``): distinct (pool row, piece)
-    features referenced by its tables, shared pools counted once. ``ranges=None``: the whole adapter."""
-    share = shard_spec(spec, ranges or {})
-    out = {}
-    for col, side in ((0, "A"), (1, "B")):
-        seen = {}
-        for sides in share.layers.values():
-            sd = sides[col]
-            used = seen.setdefault(id(sd.pool), (sd.pool.shape[1], set()))[1]
-            used.update(int(i) for i in sd.idx.reshape(-1).tolist() if i >= 0)
-        out[side] = sum(width * len(rows) for width, rows in seen.values())
-    return out

@@ -277,7 +277,7 @@ class _Tenants:
                 raise
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
-            self.plans[lora_id] = plan
+            self.plans[lora_id] = plan.detached()  # the host copy: rows and tables only, at this rank's size
             self.log_stats(f"loaded {name!r}")
             return plan.rank
 
@@ -465,12 +465,15 @@ class _Runtime:
     def set_mapping(self, index_mapping) -> None:
         """Build this step's segments from vLLM's per-token adapter ids (0 = base model)."""
         with self.tenants.lock:
-            ids = sorted({int(i) for i in index_mapping if i > 0})
+            tok = torch.as_tensor(index_mapping, dtype=torch.int64).reshape(-1)  # one pass, not a Python loop
+            ids = torch.unique(tok[tok > 0]).tolist()
             slot_of = self.tenants.slots_for_step(ids)  # not ours (vLLM dummy): -1, rows untouched
             if not ids:
                 self.seg = None
                 return
-            rows = [slot_of.get(int(i), -1) if i > 0 else -1 for i in index_mapping]
+            lut = torch.full((ids[-1] + 1,), -1, dtype=torch.int64)
+            lut[torch.tensor(list(slot_of), dtype=torch.int64)] = torch.tensor(list(slot_of.values()), dtype=torch.int64)
+            rows = torch.where(tok > 0, lut[tok.clamp(min=0)], torch.full_like(tok, -1))
             seg = build_segments(rows, device=self.store.device, merge=True)  # one row per token
             self.seg = seg if seg.active else None
 

@@ -8,6 +8,7 @@ shards (MiSS's identity, MiSS mini's ``D``) are joined into composite rows, dedu
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -86,6 +87,13 @@ class StorePlan:
     @property
     def rank(self) -> int:
         return self.spec.rank
+
+    def detached(self) -> "StorePlan":
+        """The plan without its source adapter's tensors (``spec.layers`` emptied): what a server keeps on
+        the host to reload an evicted tenant into the same store layout, at the size of the rows and tables
+        it loads (a tensor-parallel share's source is the whole adapter). Loads only into a store of this
+        layout: there is nothing left to convert again."""
+        return StorePlan(dataclasses.replace(self.spec, layers={}), self.rows, self.tables, self.layout)
 
     def table_key(self) -> bytes:
         """Equal for two plans exactly when their tables (rows numbered from 0 within each

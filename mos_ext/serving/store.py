@@ -361,6 +361,9 @@ class AdapterStore:
         if isinstance(adapter, StorePlan):
             if adapter.layout == plan_layout(self.layers, self.type_dims, self.slots, self.max_rank):
                 return adapter
+            if not adapter.spec.layers:
+                raise ValueError("a detached plan (StorePlan.detached) loads only into a store of the layout it was "
+                                 "made for; read the adapter again for this store")
             adapter = adapter.spec  # made for another store layout: convert again
         return self._plan(self._read_spec(adapter))
 
