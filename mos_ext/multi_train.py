@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from . import ops
@@ -539,6 +540,27 @@ class JointTraining:
             os.rmdir(sub)
         torch.save(self.tenant_state(name), os.path.join(directory, TENANT_STATE))
         return directory
+
+    def restore_tenant(self, name: str, directory: str) -> None:
+        """Put a tenant back to what :meth:`save_tenant` wrote into ``directory``: its pools (in place, so
+        optimizers keep their parameters) and, when present, its optimizer, schedule, dropout generator and
+        step counts. Every pool must be in the file with its shape (else ``ValueError``, nothing changed)."""
+        if name not in self.tenants:
+            raise UnknownAdapterError(f"{name!r} is not a tenant (tenants: {self.names})")
+        sd = load_file(os.path.join(directory, "adapter_model.safetensors"))
+        pools = dict(self.tuner.pools(name))
+        saved = {k.rsplit(".", 1)[-1]: v for k, v in sd.items() if ".shard_pools." in k or k.startswith("shard_pools.")}
+        missing = sorted(set(pools) - set(saved))
+        bad = sorted(k for k in pools if k in saved and tuple(saved[k].shape) != tuple(pools[k].shape))
+        if missing or bad:
+            raise ValueError(f"{directory}: not a checkpoint of tenant {name!r}: pools missing {missing[:4]}, "
+                             f"of another shape {bad[:4]}")
+        with torch.no_grad():
+            for k, p in pools.items():
+                p.copy_(saved[k])
+        path = os.path.join(directory, TENANT_STATE)
+        if os.path.exists(path):
+            self.load_tenant_state(name, torch.load(path, weights_only=False))
 
     def load_tenant(self, name: str, directory: str, settings: Optional[TenantSettings] = None) -> None:
         """Resume a tenant saved by :meth:`save_tenant` (adapter and optimizer state); it joins the next step.

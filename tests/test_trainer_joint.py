@@ -64,6 +64,32 @@ def test_trainer_equals_plain_joint_loop(tmp_path):
         assert {"adapter_config.json", "adapter_model.safetensors", "tenant_state.pt"} <= set(os.listdir(ck / n))
 
 
+def test_resume_from_checkpoint_equals_one_run(tmp_path):
+    """Trainer(resume_from_checkpoint=checkpoint-2): every tenant's pools, optimizer, schedule and step counts
+    come back from the checkpoint's tenant directories (JointTraining.restore_tenant), and the resumed run ends
+    where the uninterrupted one does; a directory that is not the tenant's checkpoint is refused."""
+    def run(out, resume=None):
+        pm = build(torch.float32)
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, max_grad_norm=0,
+                                 num_train_epochs=1, save_steps=2, save_strategy="steps", report_to=[], use_cpu=True,
+                                 seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        mix = TenantMix(datasets(), rows_per_step=2, start_step={"miss4": 1})
+        tr = JointTrainer(model=pm, tenants=SETTINGS, args=args, train_dataset=mix)
+        tr.train(resume_from_checkpoint=resume)
+        return pm, tr
+
+    whole, _ = run(tmp_path / "a")
+    ck = tmp_path / "a" / "checkpoint-2"
+    resumed, tr = run(tmp_path / "b", resume=str(ck))
+    assert {n: t.steps for n, t in tr.joint.tenants.items()} == {"mos4": 4, "mos2": 3, "lora2": 1, "miss4": 2}
+    for n in KINDS:
+        got, want = pools(resumed, n), pools(whole, n)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="not a checkpoint of tenant 'mos4'"):
+        tr.joint.restore_tenant("mos4", str(ck / "tenants" / "lora2"))
+
+
 def test_trainer_refuses_global_clipping_and_accumulation(tmp_path):
     pm = build(torch.float32)
     for kw, msg in ((dict(max_grad_norm=1.0), "max_grad_norm"), (dict(max_grad_norm=0, gradient_accumulation_steps=2),

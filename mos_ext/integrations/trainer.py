@@ -21,7 +21,6 @@ import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file
 from transformers import Trainer
 
 from ..multi_train import IGNORE_INDEX, JointModel, JointTraining, TenantSettings
@@ -198,14 +197,7 @@ class JointTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Resume: each tenant's pools from ``<checkpoint>/tenants/<name>`` (its optimizer comes back with
-        the Trainer's optimizer state)."""
+        """Resume: each tenant back from ``<checkpoint>/tenants/<name>`` (:meth:`JointTraining.restore_tenant`:
+        pools in place, optimizer, schedule, dropout generator, step counts)."""
         for n in self.joint.tenants:
-            d = os.path.join(resume_from_checkpoint, "tenants", n)
-            sd = load_file(os.path.join(d, "adapter_model.safetensors"))
-            pools = dict(self.joint.tuner.pools(n))
-            with torch.no_grad():
-                for key, v in sd.items():
-                    leaf = key.rsplit(".", 1)[-1]
-                    if leaf in pools and "shard_pools" in key:
-                        pools[leaf].copy_(v)
+            self.joint.restore_tenant(n, os.path.join(resume_from_checkpoint, "tenants", n))
