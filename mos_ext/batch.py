@@ -94,14 +94,20 @@ class BatchMetadata:
         key = (int(rows), int(tokens_per_row), torch.device(device))
         seg = self._cache.get(key)
         if seg is None:
-            b0 = len(self.row_tenants)
-            if b0 == 0 or rows % b0:
-                raise ValueError(f"the model was called with {rows} sequences but {b0} adapter choices were given")
-            rep = rows // b0
-            tenants = torch.tensor(self.row_tenants, dtype=torch.int64).repeat_interleave(rep)
-            seg = build_segments(tenants, tokens_per_row, device=device, merge=self.merge)
+            seg = build_segments(self._per_row(rows), tokens_per_row, device=device, merge=self.merge)
             self._cache[key] = seg
         return seg
+
+    def token_tenants(self, rows: int, tokens_per_row: int) -> torch.Tensor:
+        """The tenant of every token of a call with this layout: ``[rows * tokens_per_row]`` int64 on the
+        CPU (what :meth:`segments` encodes, one entry per token)."""
+        return self._per_row(rows).repeat_interleave(int(tokens_per_row))
+
+    def _per_row(self, rows: int) -> torch.Tensor:
+        b0 = len(self.row_tenants)
+        if b0 == 0 or rows % b0:
+            raise ValueError(f"the model was called with {rows} sequences but {b0} adapter choices were given")
+        return torch.tensor(self.row_tenants, dtype=torch.int64).repeat_interleave(rows // b0)
 
 
 _SINGLE: Dict[tuple, Segments] = {}

@@ -147,6 +147,8 @@ class _Forward:
         self.joint = joint
         self.slots = slots
         self.meta = BatchMetadata(slots, merge=False)  # one segment per row: no row depends on its mates
+        self.names = tuple(joint.tenants)  # fixed for the pass: tenants join and leave between steps
+        self.drops = [(i, t) for i, t in enumerate(joint.tenants.values()) if t.dropout > 0]
         self.pools: Dict[tuple, tuple] = {}
         self.token_idx: Dict[tuple, Dict[int, torch.Tensor]] = {}
         self.checked = set()
@@ -346,14 +348,13 @@ class JointTraining:
     def _dropout(self, fwd: _Forward, xs: torch.Tensor, rows: int, per: int, training: bool) -> torch.Tensor:
         """Each tenant's dropout on its own tokens, drawn from its own generator (layer by layer, in
         forward order, as when it trains alone)."""
-        drops = [(i, t) for i, t in enumerate(self.tenants.values()) if t.dropout > 0]
+        drops = fwd.drops
         if not drops or not training:
             return xs
         key = (rows, per)
         tok = fwd.token_idx.get(key)
         if tok is None:
-            row_t = torch.tensor(fwd.slots, dtype=torch.int64).repeat_interleave(rows // len(fwd.slots))
-            tok_t = row_t.repeat_interleave(per)
+            tok_t = fwd.meta.token_tenants(rows, per)
             tok = {i: torch.nonzero(tok_t == i).reshape(-1).to(xs.device) for i, _ in drops}
             fwd.token_idx[key] = tok
         out = xs
@@ -374,7 +375,7 @@ class JointTraining:
             raise RuntimeError("this model trains several adapters jointly (mos_ext.JointTraining is attached): "
                                "call it inside joint.batch(adapter_names) or through JointModel(..., adapter_names=) "
                                "(gradient checkpointing's recomputation is not supported), or joint.detach() first")
-        names = tuple(self.tenants)
+        names = fwd.names
         if not names:
             raise RuntimeError("JointTraining has no tenants: add_tenant first")
         ptype = layer._mos_pools[names[0]][1]
