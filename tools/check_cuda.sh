@@ -145,9 +145,11 @@ shard_grad_det_reduce_kernel||LDL STL CALL
 fast_items_kernel||LDL STL CALL
 '
 
+tool_var() { printf '%s' "$1" | tr a-z A-Z; }  # the environment variable naming a tool: cuobjdump -> CUOBJDUMP
+
 find_tool() {  # name (cuobjdump | nvdisasm); prints its path or nothing
   local name="$1" var
-  var="$(printf '%s' "$1" | tr a-z A-Z)"
+  var="$(tool_var "$1")"
   if [ -n "${!var:-}" ] && [ -x "${!var}" ]; then echo "${!var}"; return 0; fi
   if [ -x "${CUDA_HOME:-/nonexistent}/bin/$name" ]; then echo "$CUDA_HOME/bin/$name"; return 0; fi
   if command -v "$name" >/dev/null 2>&1; then command -v "$name"; return 0; fi
@@ -166,7 +168,7 @@ PY
 }
 
 no_tool() {  # name
-  local up; up="$(printf '%s' "$1" | tr a-z A-Z)"
+  local up; up="$(tool_var "$1")"
   echo "FAIL  SASS gate: no $1 (cuobjdump -sass needs both cuobjdump and nvdisasm). Looked at \$$up, $CUDA_HOME/bin, the PATH and nvidia/*/bin in ${MOS_SASS_PIP_TARGET:+$MOS_SASS_PIP_TARGET and }$PYTHON's sys.path. Install the CUDA toolkit's $1, set $up, or pip install nvidia-cuda-$1==${cuda_major:-13}.* (this script does that unless MOS_SASS_INSTALL=0); MOS_SASS_GATE=0 skips the gate."
   fail=1
 }
