@@ -6,7 +6,9 @@ matmuls, as a per-adapter PEFT forward would. Both compute y += scale * B A x.
 
     python benchmarks/bench_sgmv_cpu.py            # the issue's shape and a few more
     python benchmarks/bench_sgmv_cpu.py --quick    # fewer repeats
-Prints a table and writes benchmarks/out/sgmv_cpu.json.
+Also times shared tables (one table, a row base per tenant: docs/OPS.md) against the same problem
+with a table of global rows per tenant (value checks off). Prints a table and writes
+benchmarks/out/sgmv_cpu.json.
 """
 from __future__ import annotations
 
@@ -69,10 +71,26 @@ def case(name, T, tokens_per_tenant, h, o, r, l, dtype, reps):
     t_peft = median_time(lambda: peft_loop(yb, *args), reps, warmup=2) / 1e3
     with mos_ext.index_checks(False):
         t_mos_nocheck = median_time(lambda: ops.sgmv(yb, *args), reps, warmup=2) / 1e3
+    # shared tables (docs/OPS.md): every tenant reads one table through its own row base, vs the same
+    # problem with a table of global rows per tenant; value checks off (the serving setting)
+    local = torch.randperm(r * l, generator=gen).reshape(1, r, l).to(torch.int32)
+    base = (torch.arange(T, dtype=torch.int32) * (r * l)).reshape(T, 1, 1)
+    flat = (local + base).contiguous()
+    m = torch.stack([torch.zeros(T, dtype=torch.int32), base.reshape(T)], 1).contiguous()
+    fargs = (x, pool_a, pool_b, flat, flat, scale, seg_indptr, seg_tenant)
+    y1, y2 = y.clone(), y.clone()
+    ops.sgmv(y1, *fargs)
+    ops.sgmv(y2, x, pool_a, pool_b, local, local, scale, seg_indptr, seg_tenant, m, m)
+    assert torch.equal(y1, y2), "shared tables differ from their flat spelling"
+    with mos_ext.index_checks(False):
+        t_flat = median_time(lambda: ops.sgmv(yb, *fargs), reps, warmup=2) / 1e3
+        t_shared = median_time(lambda: ops.sgmv(yb, x, pool_a, pool_b, local, local, scale, seg_indptr, seg_tenant,
+                                                m, m), reps, warmup=2) / 1e3
     flops = 2 * N * r * (h + o)
     return dict(case=name, T=T, N=N, h=h, o=o, r=r, l=l, dtype=str(dtype).replace("torch.", ""),
                 mos_ms=t_mos * 1e3, mos_nocheck_ms=t_mos_nocheck * 1e3, peft_ms=t_peft * 1e3,
-                speedup=t_peft / t_mos, mos_gflops=flops / t_mos / 1e9, rel_err=err)
+                speedup=t_peft / t_mos, mos_gflops=flops / t_mos / 1e9, rel_err=err,
+                flat_ms=t_flat * 1e3, shared_ms=t_shared * 1e3, shared_vs_flat=t_shared / t_flat)
 
 
 def main():
@@ -96,7 +114,8 @@ def main():
             r = rows[-1]
             print(f"{r['case']:32s} {r['dtype']:9s} mos {r['mos_ms']:8.2f} ms (no checks {r['mos_nocheck_ms']:8.2f})"
                   f"  peft-loop {r['peft_ms']:8.2f} ms  speedup {r['speedup']:5.2f}x  {r['mos_gflops']:6.1f} GFLOP/s"
-                  f"  rel.err {r['rel_err']:.1e}", flush=True)
+                  f"  rel.err {r['rel_err']:.1e}  shared tables {r['shared_ms']:8.2f} ms vs flat {r['flat_ms']:8.2f} ms"
+                  f" ({r['shared_vs_flat']:.3f}x)", flush=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__, isa=mos_ext.cpu_isa(),
                 command="python benchmarks/bench_sgmv_cpu.py" + (" --quick" if a.quick else ""))
