@@ -83,14 +83,20 @@ def rows(n, w, dtype, gen, aligned):
     return base[:, 1:w + 1]
 
 
+def operands(N, h, o, r, shape_a, shape_b, dtype, pa, pb, aligned, gen):
+    """x [N, h], y [N, o] (rows() layout) and pools of the given [rows, shard length] shapes, random."""
+    x = rows(N, h, dtype, gen, aligned)
+    y = rows(N, o, dtype, gen, aligned)
+    pool_a = (torch.randn(*shape_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
+    pool_b = (torch.randn(*shape_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    return x, y, pool_a, pool_b
+
+
 def problem(*, N, h, l_a, o, l_b, r, T, S, dtype, pa, pb, aligned, seed):
     gen = torch.Generator().manual_seed(seed)
     s_a, s_b = h // l_a, o // l_b
     P_a, P_b = max(2, T * r * l_a // 2 + 3), max(2, T * r * l_b // 2 + 5)
-    x = rows(N, h, dtype, gen, aligned)
-    y = rows(N, o, dtype, gen, aligned)
-    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
-    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    x, y, pool_a, pool_b = operands(N, h, o, r, (P_a, s_a), (P_b, s_b), dtype, pa, pb, aligned, gen)
     idx_a, idx_b = mixed_rank_table(T, r, l_a, P_a, gen), mixed_rank_table(T, r, l_b, P_b, gen)
     idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
     scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).float()
@@ -339,10 +345,7 @@ def map_problem(*, N, h, l_a, o, l_b, r, U, T, S, dtype, pa, pb, aligned, seed):
     s_a, s_b = h // l_a, o // l_b
     Q_a, Q_b = r * l_a, r * l_b  # rows a table names
     P_a, P_b = 3 * Q_a + 5, 2 * Q_b + 3
-    x = rows(N, h, dtype, gen, aligned)
-    y = rows(N, o, dtype, gen, aligned)
-    pool_a = (torch.randn(P_a, s_a, generator=gen, dtype=torch.float64) / h ** 0.5).to(pa or dtype)
-    pool_b = (torch.randn(P_b, s_b, generator=gen, dtype=torch.float64) / r ** 0.5).to(pb or dtype)
+    x, y, pool_a, pool_b = operands(N, h, o, r, (P_a, s_a), (P_b, s_b), dtype, pa, pb, aligned, gen)
     idx_a, idx_b = mixed_rank_table(U, r, l_a, Q_a, gen), mixed_rank_table(U, r, l_b, Q_b, gen)
     idx_b[idx_a[:, :, :1].expand(-1, -1, l_b) < 0] = -1
     idx_a[0, 0, 0] = Q_a - 1  # with base P - Q the pool's last row

@@ -471,16 +471,31 @@ def test_load_under_fire_tp1(world, fire, expected):
     assert rep["evictions_by_rank"].get(0, 0) > 0, rep
 
 
+def _tp_server(world, tp, names):
+    """A --tensor-parallel-size ``tp`` server (one CPU worker process per rank, gloo, threads bound round-robin
+    to the two cores) on ``world``'s base, serving ``names`` from the start; stopped by its PID by the caller."""
+    return U.Server(PY, world["base"], [(n, world["dirs"][n]) for n in names], max_loras=2, max_lora_rank=8,
+                    max_cpu_loras=8,
+                    env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
+                         "MOS_EXT_VLLM_MAX_TENANTS": "16",
+                         "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % 2) for i in range(tp))},
+                    log_path=str(world["srv"].log_path) + f".tp{tp}", extra=["--tensor-parallel-size", str(tp)])
+
+
+def _mixed_batches_equal(client, names, expected):
+    """Every (tenant, prompt) of ``names`` (``"base"``: no adapter), 8 requests in flight, equals ``expected``."""
+    jobs = [(name, i) for name in names for i in range(len(PROMPTS))]
+    with cf.ThreadPoolExecutor(8) as ex:
+        futs = {ex.submit(complete, client, name, PROMPTS[i]): (name, i) for name, i in jobs}
+        for f in cf.as_completed(futs):
+            assert f.result() == expected[futs[f]], futs[f]
+
+
 @pytest.fixture(scope="module")
 def world_tp2(world):
     """A --tensor-parallel-size 2 server (two CPU worker processes, gloo, one core each) on the same base and
     tenants as ``world``, started once for the TP 2 tests and stopped by its PID."""
-    dirs = world["dirs"]
-    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"])],
-                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
-                   env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
-                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                   log_path=str(world["srv"].log_path) + ".tp2", extra=["--tensor-parallel-size", "2"])
+    srv = _tp_server(world, 2, ["alice", "bob", "carol"])
     try:
         srv.wait_ready(timeout=500)
         yield dict(srv=srv, client=openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300,
@@ -496,11 +511,7 @@ def test_tensor_parallel_2_equals_tp1_and_multitenant_model(world, world_tp2, ex
     an unload frees the rows in both ranks' stores."""
     dirs = world["dirs"]
     srv, c = world_tp2["srv"], world_tp2["client"]
-    jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "base"] for i in range(len(PROMPTS))]
-    with cf.ThreadPoolExecutor(8) as ex:
-        futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
-        for f in cf.as_completed(futs):
-            assert f.result() == expected[futs[f]], futs[f]
+    _mixed_batches_equal(c, ["base", "alice", "bob", "carol", "base"], expected)
     st, body = srv.post("/v1/load_lora_adapter", {"lora_name": "dave", "lora_path": dirs["dave"]})
     assert st == 200, body
     assert complete(c, "dave", PROMPTS[1]) == expected[("dave", 1)]
@@ -518,21 +529,11 @@ def test_tensor_parallel_4_replicated_kv_heads_equals_multitenant_model(world, e
     k/v output slices of ranks 0/1 and 2/3 are the same features), so a rank's k/v share is cut by its KV head,
     not its rank. Greedy tokens of MoS (all 7 and q/v/gate only, tied tables), MiSS and PEFT LoRA tenants and
     base rows in mixed concurrent batches equal MultiTenantModel; four worker processes on two cores."""
-    dirs = world["dirs"]
-    srv = U.Server(PY, world["base"], [("alice", dirs["alice"]), ("bob", dirs["bob"]), ("carol", dirs["carol"]),
-                                       ("dave", dirs["dave"])],
-                   max_loras=2, max_lora_rank=8, max_cpu_loras=8,
-                   env={"MOS_EXT_VLLM_CAPACITY_MB": str(CAPACITY_MB), "MOS_EXT_VLLM_MAX_RANK": str(MAX_RANK),
-                        "MOS_EXT_VLLM_MAX_TENANTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1"},
-                   log_path=str(world["srv"].log_path) + ".tp4", extra=["--tensor-parallel-size", "4"])
+    srv = _tp_server(world, 4, ["alice", "bob", "carol", "dave"])
     try:
         srv.wait_ready(timeout=600)
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300, max_retries=0)
-        jobs = [(name, i) for name in ["base", "alice", "bob", "carol", "dave"] for i in range(len(PROMPTS))]
-        with cf.ThreadPoolExecutor(8) as ex:
-            futs = {ex.submit(complete, c, name, PROMPTS[i]): (name, i) for name, i in jobs}
-            for f in cf.as_completed(futs):
-                assert f.result() == expected[futs[f]], futs[f]
+        _mixed_batches_equal(c, ["base", "alice", "bob", "carol", "dave"], expected)
         ranks = {r[0] for r in _store_lines(srv, "loaded 'alice'")}
         assert ranks == {0, 1, 2, 3}, srv.tail(80)
     finally:

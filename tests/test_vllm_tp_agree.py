@@ -64,18 +64,15 @@ def same(a, b):
         all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a[3:5], b[3:5]))
 
 
-def test_refused_elsewhere_in_prepare_changes_nothing(dirs):
-    rt, script = runtime(dirs, ["mos_ext adapter 'x' at /p: too big (the other rank's words)"])
+@pytest.mark.parametrize("other,match", [
+    (["mos_ext adapter 'x' at /p: too big (the other rank's words)"],  # refused in prepare: nothing was changed
+     "the other rank's words.*refused on another tensor-parallel"),
+    (["", "mos_ext adapter 'x': commit failed over there"], "commit failed over there"),  # committed here: undone
+])
+def test_a_new_adapter_refused_elsewhere_changes_nothing(dirs, other, match):
+    rt, script = runtime(dirs, other)
     before = snapshot(rt)
-    with pytest.raises(plugin.MoSAdapterError, match="the other rank's words.*refused on another tensor-parallel"):
-        rt.load(1, "x", dirs["v1"], replace=False)
-    assert same(before, snapshot(rt)) and not script
-
-
-def test_commit_failed_elsewhere_reverts_a_new_adapter(dirs):
-    rt, script = runtime(dirs, ["", "mos_ext adapter 'x': commit failed over there"])
-    before = snapshot(rt)
-    with pytest.raises(plugin.MoSAdapterError, match="commit failed over there"):
+    with pytest.raises(plugin.MoSAdapterError, match=match):
         rt.load(1, "x", dirs["v1"], replace=False)
     assert same(before, snapshot(rt)) and not script
 
