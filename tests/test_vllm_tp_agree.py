@@ -47,7 +47,14 @@ def runtime(dirs, others):
                             target_modules=U.ALL7, dtype=torch.float64)
     rt.tenants = plugin._Tenants(rt.store, 2, lambda: set())
     script = list(others)
-    rt._agree = lambda err: err or script.pop(0)
+    rt.said = []  # what this rank told the other in each exchange
+
+    def agree(err):
+        rt.said.append(err)
+        other = script.pop(0)
+        return err or other
+
+    rt._agree = agree
     return rt, script
 
 
@@ -70,11 +77,26 @@ def same(a, b):
     (["", "mos_ext adapter 'x': commit failed over there"], "commit failed over there"),  # committed here: undone
 ])
 def test_a_new_adapter_refused_elsewhere_changes_nothing(dirs, other, match):
-    rt, script = runtime(dirs, other)
+    rt, script = runtime(dirs, other + [""] * (2 - len(other)))
     before = snapshot(rt)
     with pytest.raises(plugin.MoSAdapterError, match=match):
         rt.load(1, "x", dirs["v1"], replace=False)
-    assert same(before, snapshot(rt)) and not script
+    assert same(before, snapshot(rt))
+
+
+def test_an_unexpected_error_here_still_takes_part_in_the_exchange(dirs, monkeypatch):
+    """Whatever fails on this rank (not only a refusal), it tells the other ranks, which are waiting in the
+    same exchange, before raising: no rank is left blocked."""
+    rt, script = runtime(dirs, [""])
+
+    def boom(adapter):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(rt.store, "read", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        rt.load(1, "x", dirs["v1"], replace=False)
+    assert rt.said == ["mos_ext refused adapter: RuntimeError: disk on fire"] and not script
+    assert "vllm-1" not in rt.store
 
 
 def test_commit_failed_elsewhere_reverts_an_inplace_reload(dirs):

@@ -430,27 +430,31 @@ class _Runtime:
         if self.tp == 1:
             return t.load(lora_id, name, path, replace=replace)
         with t.lock:
-            err, plan = "", None
+            plan, own = None, None
             try:
                 plan = t.prepare(lora_id, name, path, replace=replace)
-            except MoSAdapterError as e:
-                err = str(e)
-            first = self._agree(err)
+            except Exception as e:  # noqa: BLE001 - every rank must reach the exchange, whatever failed here
+                own = e
+            first = self._agree(_why(own))
+            if own is not None:
+                raise own
             if first:
-                raise MoSAdapterError(first if err else f"{first} (refused on another tensor-parallel rank)")
+                raise MoSAdapterError(f"{first} (refused on another tensor-parallel rank)")
             # every rank takes part in the second exchange, also one with nothing to commit (the adapter is
             # resident here, while another rank's store evicted it and reloads it from its host copy)
             old = (t.key(lora_id) in t.store, t.plans.get(lora_id), t.paths.get(lora_id))
-            err, rank = "", None
+            rank, own = None, None
             try:
                 rank = t.store.info(t.key(lora_id))["rank"] if plan is None else t.commit(lora_id, name, path, plan)
-            except MoSAdapterError as e:
-                err = str(e)
-            first = self._agree(err)
+            except Exception as e:  # noqa: BLE001 - as above
+                own = e
+            first = self._agree(_why(own))
+            if own is not None:
+                raise own
             if first:
-                if not err and plan is not None:  # committed here, failed elsewhere: back to what every rank had
+                if plan is not None:  # committed here, failed elsewhere: back to what every rank had
                     t.revert(lora_id, *old)
-                raise MoSAdapterError(first)
+                raise MoSAdapterError(f"{first} (on another tensor-parallel rank; undone here)")
             return rank
 
     def _agree(self, err: str) -> str:
@@ -480,6 +484,13 @@ class _Runtime:
     def apply(self, module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         st = self.store
         return add_sgmv(output, x, module._mos_slices, st.scale, self.seg, st.dtype)
+
+
+def _why(exc: Optional[BaseException]) -> str:
+    """What a rank tells the others of its failed phase ("" when it succeeded)."""
+    if exc is None:
+        return ""
+    return str(exc) if isinstance(exc, MoSAdapterError) else f"{ERROR_PREFIX}: {type(exc).__name__}: {exc}"
 
 
 def _log():
