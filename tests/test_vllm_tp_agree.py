@@ -138,3 +138,15 @@ def test_evicted_here_resident_there_takes_part_in_both_exchanges(dirs):
     with pytest.raises(plugin.MoSAdapterError):
         rt.load(1, "x", dirs["v1"], replace=False)
     assert "vllm-1" not in rt.store and 1 in rt.tenants.plans and 1 in rt.tenants.paths and not script
+
+
+def test_a_steps_load_is_not_agreed(dirs):
+    """vLLM re-activating an adapter inside a step (set_active_adapters) loads it on the ranks whose vLLM
+    cache dropped it, not necessarily all: such a load runs alone (an exchange would wait forever)."""
+    rt, script = runtime(dirs, ["", ""])
+    rt.load(1, "x", dirs["v1"], replace=False)  # add_lora: agreed
+    rt.store.unload("vllm-1")
+    rt.tenants.lru.pop(1)
+    said = list(rt.said)
+    rt.load(1, "x", dirs["v1"], replace=False, agree=False)
+    assert rt.said == said and "vllm-1" in rt.store and not script

@@ -420,14 +420,17 @@ class _Runtime:
         if os.environ.get("MOS_EXT_CHECK_INDICES") is None:
             set_index_checks(False)
 
-    def load(self, lora_id: int, name: str, path: str, *, replace: bool) -> int:
-        """A load vLLM asked for (``add_lora``, run by every rank). TP 1: :meth:`_Tenants.load`. TP > 1: two
-        phases with the ranks agreeing between them, so that a load one rank refuses (its share is over the
-        bound, or cannot be read) changes no rank, and an in-place reload never leaves ranks serving
-        different contents: every rank prepares (nothing changed), the ranks exchange their outcome, all
-        raise the first refusal or all commit; a commit that fails on a rank is undone on every rank."""
+    def load(self, lora_id: int, name: str, path: str, *, replace: bool, agree: bool = True) -> int:
+        """A load vLLM asked for. TP 1, or a step's load (``agree=False``): :meth:`_Tenants.load`. An
+        ``add_lora`` at TP > 1 (run by every rank: a new id, or an in-place reload): two phases with the
+        ranks agreeing between them, so that a load one rank refuses (its share is over the bound, or
+        cannot be read) changes no rank, and an in-place reload never leaves ranks serving different
+        contents: every rank prepares (nothing changed), the ranks exchange their outcome, all raise the
+        first refusal or all commit; a commit that fails on a rank is undone on every rank. A step's
+        load re-activates an adapter every rank accepted before (from its host copy), on the ranks whose
+        vLLM cache dropped it — not necessarily all — so it is not agreed."""
         t = self.tenants
-        if self.tp == 1:
+        if self.tp == 1 or not agree:
             return t.load(lora_id, name, path, replace=replace)
         with t.lock:
             plan, own = None, None
@@ -486,6 +489,9 @@ class _Runtime:
         return add_sgmv(output, x, module._mos_slices, st.scale, self.seg, st.dtype)
 
 
+_STEP = threading.local()  # .on: inside WorkerLoRAManager.set_active_adapters (a step's adapter loads)
+
+
 def _why(exc: Optional[BaseException]) -> str:
     """What a rank tells the others of its failed phase ("" when it succeeded)."""
     if exc is None:
@@ -524,7 +530,8 @@ def _patch_worker():
         rt = _runtime(self._adapter_manager)
         try:
             rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
-                           replace=bool(getattr(lora_request, "load_inplace", False)))
+                           replace=bool(getattr(lora_request, "load_inplace", False)),
+                           agree=not getattr(_STEP, "on", False))
         except MoSAdapterError as e:
             # the id lets the API server undo the load on ranks that took it (at TP > 1 a refusal for
             # room can differ by rank); the API server strips it from the message
@@ -533,6 +540,18 @@ def _patch_worker():
         # module): vLLM's slots stay zero, the math runs from the store
         marker = LoRALayerWeights(SHELL_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1))
         return LoRAModel(lora_request.lora_int_id, rank, {SHELL_MODULE: marker})
+
+    orig_active = WorkerLoRAManager.set_active_adapters
+
+    def set_active_adapters(self, requests, mapping):
+        # a step's loads (vLLM re-activating an adapter its worker cache dropped) are not agreed between TP
+        # ranks: that cache's order is not the same on every rank (a set of requests, hashed per process),
+        # so one rank may load here while another does not; an exchange would wait forever
+        _STEP.on = True
+        try:
+            return orig_active(self, requests, mapping)
+        finally:
+            _STEP.on = False
 
     orig_map = LoRAModelManager.set_adapter_mapping
 
@@ -568,6 +587,7 @@ def _patch_worker():
         return orig_remove(self, adapter_id)
 
     for cls, name, fn in ((WorkerLoRAManager, "_load_adapter", _load_adapter),
+                          (WorkerLoRAManager, "set_active_adapters", set_active_adapters),
                           (WorkerLoRAManager, "remove_adapter", remove_adapter),
                           (LoRAModelManager, "set_adapter_mapping", set_adapter_mapping),
                           (BaseLinearLayerWithLoRA, "_apply_lora_to_output", _apply_lora_to_output),

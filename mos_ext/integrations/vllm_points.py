@@ -44,6 +44,8 @@ class PatchPoint:
 POINTS: Tuple[PatchPoint, ...] = (
     PatchPoint("lora/worker_manager.py", "WorkerLoRAManager", "_load_adapter", ("self", "lora_request"), False,
                "adapter directories mos_ext reads go to the worker's store"),
+    PatchPoint("lora/worker_manager.py", "WorkerLoRAManager", "set_active_adapters", ("self", "requests", "mapping"),
+               False, "TP > 1: a step's adapter loads are told apart from add_lora's (only those are agreed by the ranks)"),
     PatchPoint("lora/worker_manager.py", "WorkerLoRAManager", "remove_adapter", ("self", "adapter_id"), False,
                "an unloaded adapter's rows are freed in every worker's store"),
     PatchPoint("lora/model_manager.py", "LoRAModelManager", "set_adapter_mapping", ("self", "mapping"), False,
