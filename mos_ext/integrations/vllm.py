@@ -339,9 +339,7 @@ class _Tenants:
     def stats(self) -> dict:
         """Resident tenants, pool bytes used / free, evictions to host, host copies (this worker)."""
         st = self.store
-        elem = torch.empty((), dtype=st.dtype).element_size()
-        total = sum(st.pool_a[k].numel() + st.pool_b[k].numel() for k in st.type_dims) * elem
-        used = st.memory_bytes()
+        total, used = st.pool_bytes(), st.memory_bytes()
         return dict(resident=len(st.names()), names=[self.paths[i][0] for i in self.lru if i in self.paths],
                     used_bytes=used, free_bytes=total - used, pool_bytes=total,
                     tables=st.tables_in_use(), table_bytes=st.tables_in_use() * st.table_bytes(),

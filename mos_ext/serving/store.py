@@ -20,7 +20,6 @@ composite rows, deduplicated, so that LoRA, MoS and MiSS tenants of any rank mix
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -149,8 +148,8 @@ class AdapterStore:
             self.type_dims[key] = (h, o)
         if not self.layers:
             raise ValueError(f"no module of the model matches target_modules {sorted(targets)}")
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_row = sum((h + o) // slots for h, o in self.type_dims.values()) * elem
+        self._elem = torch.empty((), dtype=self.dtype).element_size()
+        per_row = sum((h + o) // slots for h, o in self.type_dims.values()) * self._elem
         self.rows = int(capacity_bytes // per_row)
         if self.rows < 1:
             raise ValueError(f"capacity_bytes={capacity_bytes} holds no row (one row of every type is {per_row} bytes)")
@@ -220,11 +219,17 @@ class AdapterStore:
         """Distinct tables held now (the empty table 0 not counted)."""
         return len(self._tables)
 
+    def pool_bytes(self) -> int:
+        """Device bytes of the store's pools, used rows and free ones."""
+        return sum(self.pool_a[k].numel() + self.pool_b[k].numel() for k in self.type_dims) * self._elem
+
     def allocated_bytes(self) -> int:
         """Device bytes the store allocated: pools, ``1 + max_tables`` tables, maps and scales."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        pools = sum(self.pool_a[k].numel() + self.pool_b[k].numel() for k in self.type_dims) * elem
-        return pools + (self.max_tables + 1) * self.table_bytes() + self.max_tenants * self.slot_bytes()
+        return self.pool_bytes() + (self.max_tables + 1) * self.table_bytes() + self.max_tenants * self.slot_bytes()
+
+    def _pool(self, key: Tuple[str, str]) -> torch.Tensor:
+        """The pool of a (type key, side)."""
+        return self.pool_a[key[0]] if key[1] == "A" else self.pool_b[key[0]]
 
     def free_rows(self) -> Dict[Tuple[str, str], int]:
         return {k: len(v) for k, v in self._free.items()}
@@ -286,7 +291,7 @@ class AdapterStore:
                 ids, base = taken[key], bases[key]
                 if not ids:
                     continue
-                pool = self.pool_a[key[0]] if key[1] == "A" else self.pool_b[key[0]]
+                pool = self._pool(key)
                 rows_t = rows_t.to(device=self.device, dtype=self.dtype)
                 if base is not None:
                     pool[base:base + len(ids)].copy_(rows_t)
@@ -310,9 +315,7 @@ class AdapterStore:
                     base = bases.get((k, side))
                     m[slot] = torch.tensor([u, base or 0], dtype=torch.int32)
             self.scale[slot] = spec.scale
-            elem = torch.empty((), dtype=self.dtype).element_size()
-            nbytes = sum(len(ids) * (self.pool_a[k[0]] if k[1] == "A" else self.pool_b[k[0]]).shape[1] * elem
-                         for k, ids in taken.items())
+            nbytes = sum(len(ids) * self._pool(k).shape[1] * self._elem for k, ids in taken.items())
             self._tenants[name] = dict(slot=slot, kind=spec.kind, rank=spec.rank, scale=spec.scale, rows=taken,
                                        bytes=nbytes, table=tkey, table_slot=u, shared_table=isinstance(tkey, bytes))
             return slot
