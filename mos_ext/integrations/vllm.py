@@ -59,7 +59,6 @@ packs ``gate/up_proj``).
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -76,7 +75,6 @@ from .vllm_points import CHECKED, SERVED_CLASSES, SUPPORTED, supported
 ENV_SWITCH = "MOS_EXT_VLLM_PLUGIN"
 ERROR_PREFIX = "mos_ext refused adapter"
 SHELL_MODULE = "__mos_ext_store__"
-ID_TAG = " [lora_int_id={}]"  # appended to a worker's refusal, stripped by the API server
 
 _patched = False
 _patch_lock = threading.Lock()
@@ -264,16 +262,14 @@ class _Tenants:
         contents are put back (a reload) and the error is raised."""
         with self.lock:
             key = self.key(lora_id)
-            old = self.plans.get(lora_id) if key in self.store else None
+            before = self.state(lora_id)
             if key in self.store:  # in-place reload: the new contents replace the old ones
                 self.store.unload(key)
                 self.lru.pop(lora_id, None)
             try:
                 self._fit(key, plan, name, path, (set(self._pinned()) | set(pinned)) - {lora_id})
             except MoSAdapterError:
-                if old is not None:
-                    self._fit(key, old, name, path, set(self._pinned()) - {lora_id})
-                    self.lru[lora_id] = None
+                self.revert(lora_id, *before)
                 raise
             self.lru[lora_id] = None
             self.paths[lora_id] = (name, path)
@@ -281,9 +277,14 @@ class _Tenants:
             self.log_stats(f"loaded {name!r}")
             return plan.rank
 
+    def state(self, lora_id: int) -> tuple:
+        """What this worker holds of adapter ``lora_id``, for :meth:`revert`: (resident, host copy, (name, dir))."""
+        return self.key(lora_id) in self.store, self.plans.get(lora_id), self.paths.get(lora_id)
+
     def revert(self, lora_id: int, resident: bool, old_plan, old_path) -> None:
-        """Undo a committed load (another rank could not commit): what this worker had before — the
-        previous contents resident, the host copy only (an evicted adapter), or nothing (a new one)."""
+        """Back to a :meth:`state` taken before a load (which failed here, or committed here and failed on
+        another rank): the previous contents resident, the host copy only (an evicted adapter), or
+        nothing (a new one)."""
         with self.lock:
             key = self.key(lora_id)
             if key in self.store:
@@ -431,32 +432,33 @@ class _Runtime:
         if self.tp == 1 or not agree:
             return t.load(lora_id, name, path, replace=replace)
         with t.lock:
-            plan, own = None, None
-            try:
-                plan = t.prepare(lora_id, name, path, replace=replace)
-            except Exception as e:  # noqa: BLE001 - every rank must reach the exchange, whatever failed here
-                own = e
-            first = self._agree(_why(own))
-            if own is not None:
-                raise own
+            plan, first = self._phase(lambda: t.prepare(lora_id, name, path, replace=replace))
             if first:
                 raise MoSAdapterError(f"{first} (refused on another tensor-parallel rank)")
             # every rank takes part in the second exchange, also one with nothing to commit (the adapter is
             # resident here, while another rank's store evicted it and reloads it from its host copy)
-            old = (t.key(lora_id) in t.store, t.plans.get(lora_id), t.paths.get(lora_id))
-            rank, own = None, None
-            try:
-                rank = t.store.info(t.key(lora_id))["rank"] if plan is None else t.commit(lora_id, name, path, plan)
-            except Exception as e:  # noqa: BLE001 - as above
-                own = e
-            first = self._agree(_why(own))
-            if own is not None:
-                raise own
+            old = t.state(lora_id)
+            rank, first = self._phase(lambda: t.store.info(t.key(lora_id))["rank"] if plan is None
+                                      else t.commit(lora_id, name, path, plan))
             if first:
                 if plan is not None:  # committed here, failed elsewhere: back to what every rank had
                     t.revert(lora_id, *old)
                 raise MoSAdapterError(f"{first} (on another tensor-parallel rank; undone here)")
             return rank
+
+    def _phase(self, fn):
+        """One phase of an agreed load: ``fn()`` here, then its outcome exchanged with every rank, whatever it
+        was (a rank that skipped the exchange would leave the others waiting). Raises this rank's own error;
+        else returns ``(fn's result, the first other rank's error or "")``."""
+        out, own = None, None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - reported to the other ranks, then raised
+            own = e
+        first = self._agree(_why(own))
+        if own is not None:
+            raise own
+        return out, first
 
     def _agree(self, err: str) -> str:
         """Every TP rank's outcome of one phase (an error message or ""); returns the first rank's error, or ""."""
@@ -526,14 +528,9 @@ def _patch_worker():
         if not is_mos_readable(path):
             return orig_load(self, lora_request)
         rt = _runtime(self._adapter_manager)
-        try:
-            rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
-                           replace=bool(getattr(lora_request, "load_inplace", False)),
-                           agree=not getattr(_STEP, "on", False))
-        except MoSAdapterError as e:
-            # the id lets the API server undo the load on ranks that took it (at TP > 1 a refusal for
-            # room can differ by rank); the API server strips it from the message
-            raise MoSAdapterError(f"{e}{ID_TAG.format(lora_request.lora_int_id)}") from None
+        rank = rt.load(lora_request.lora_int_id, lora_request.lora_name, path,
+                       replace=bool(getattr(lora_request, "load_inplace", False)),
+                       agree=not getattr(_STEP, "on", False))
         # a LoRAModel without weights for any module (vLLM wants one entry; its name matches no
         # module): vLLM's slots stay zero, the math runs from the store
         marker = LoRALayerWeights(SHELL_MODULE, rank, rank, torch.zeros(1, 1), torch.zeros(1, 1))
@@ -617,16 +614,6 @@ def _patch_api_server():
             msg = msg[msg.index(ERROR_PREFIX):]
             cut = msg.find("', please check the stack trace")  # vLLM's wrapping of worker errors
             msg = msg[:cut] if cut > 0 else msg
-            tag = re.search(ID_TAG.replace("[", r"\[").replace("]", r"\]").format(r"(\d+)"), msg)
-            if tag is not None:
-                msg = msg[:tag.start()] + msg[tag.end():]
-                lora_id = int(tag.group(1))
-                remove = getattr(self.engine_client, "remove_lora", None)
-                if remove is not None and lora_id not in {r.lora_int_id for r in self.lora_requests.values()}:
-                    try:  # a new adapter refused on some rank: every rank that took it frees it
-                        await remove(lora_id)
-                    except Exception:  # noqa: BLE001 - the refusal is the answer either way
-                        pass
             return create_error_response(message=msg, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
         return out
 
