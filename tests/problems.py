@@ -221,6 +221,8 @@ def make_shared_problem(*, U: int = 3, T: int = 7, N: int = 41, h: int = 64, o: 
     """``T`` tenants share ``U`` tables (every table used, several tenants per table); each tenant's
     window of rows starts at its own base (windows of two tenants may overlap, bases differ per
     side); rank rows padded with ``-1`` in some tables; segments with empty and ``-1`` tenants."""
+    from mos_ext import reference
+
     gen = torch.Generator().manual_seed(seed)
     s_a, s_b = h // l_a, o // l_b
 
@@ -248,9 +250,8 @@ def make_shared_problem(*, U: int = 3, T: int = 7, N: int = 41, h: int = 64, o: 
     scale = (torch.rand(T, generator=gen) * 1.5 + 0.5).to(torch.float32)
     seg_indptr, seg_tenant = random_segments(N, T, S, gen)
 
-    def flatten(tabs, m):
-        out = tabs[m[:, 0].long()].clone()
-        return torch.where(out >= 0, out + m[:, 1].view(-1, 1, 1), out).to(torch.int32)
+    def flatten(tabs, m):  # each tenant's table in global rows (the reference's reading of a map)
+        return torch.stack([reference.tenant_table(tabs, m, t) for t in range(T)]).to(torch.int32)
 
     common = dict(x=x.to(dtype), y=y.to(dtype), pool_a=pool_a.to(dtype), pool_b=pool_b.to(dtype), scale=scale,
                   seg_indptr=seg_indptr, seg_tenant=seg_tenant)
