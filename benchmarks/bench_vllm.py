@@ -159,7 +159,7 @@ def memory(a, cfg, mos_dirs, lora_dir):
                     pools_only_ratio=lora_b / pool_b, own_table_ratio=lora_b / (pool_b + table_b + slot_b))
 
     out = row(pools, store.table_bytes(), store.slot_bytes(), lora_bytes)
-    out.update(measured_tenant_bytes=measured, measured_with_tenants=k, lora_store_pool_bytes=None)
+    out.update(measured_tenant_bytes=measured, measured_with_tenants=k)
     # the same accounting at LLaMA-2-7B shapes (h=4096, I=11008, 32 layers, all 7 projections), fp16:
     # pools e*L*sum(h+o) and r*L*sum(h+o) elements, one table 2 * max_rank * slots int32 per layer
     s7 = 2 * 4096 * 4 + 3 * (4096 + 11008)
